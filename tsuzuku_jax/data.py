@@ -1,0 +1,292 @@
+"""Datasets as float32 NHWC arrays in [0, 1] with int32 labels; batching; data-parallel sharding.
+
+Dataset names accepted by `load` and `validate_name`:
+
+- `'digits'`: scikit-learn's 8x8 digits (1,797 real images shipped inside scikit-learn), with a
+  fixed stratified 1,347 / 450 train/test split. Needs no network and no TensorFlow.
+- `'mnist'`, `'fashion_mnist'`, `'cifar10'`, ... (`TFDS_NAMES`): through tensorflow_datasets
+  (`tfds.data_source`), imported lazily, for machines with internet or a prepared `data_dir`.
+- `'npz:PATH'`: one `.npz` file, or a folder of `.npz` parts concatenated in sorted-name order,
+  holding `x_train, y_train, x_test, y_test` (uint8 images NHWC or NHW, integer labels).
+"""
+
+import os
+from collections.abc import Iterator, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+SPLITS = ('train', 'test')
+TFDS_NAMES = ('mnist', 'fashion_mnist', 'cifar10', 'cifar100', 'kmnist', 'svhn_cropped')
+NAMES = ('digits', *TFDS_NAMES, 'npz:PATH')
+
+
+def _check_split(split: str) -> None:
+  if split not in SPLITS:
+    raise ValueError(f'split must be one of {SPLITS}, got {split!r}')
+
+
+def validate_name(name: str) -> None:
+  """Cheap check of a dataset name, for launchers to call before any work. Loads nothing.
+
+  Args:
+    name: a dataset name as accepted by `load`.
+
+  Raises:
+    ValueError: the name is unknown (the message lists the accepted names) or `npz:` is empty.
+    FileNotFoundError: `npz:PATH` names a path that does not exist.
+  """
+  if name.startswith('npz:'):
+    path = name[len('npz:') :]
+    if not path:
+      raise ValueError(f'dataset {name!r}: npz: needs a path, e.g. npz:/data/mnist.npz')
+    if not os.path.exists(path):
+      raise FileNotFoundError(f'dataset {name!r}: path {path!r} does not exist')
+  elif name != 'digits' and name not in TFDS_NAMES:
+    raise ValueError(f'unknown dataset {name!r}; accepted names: {", ".join(NAMES)}')
+
+
+def _to_arrays(images: np.ndarray, labels: np.ndarray, where: str) -> tuple[np.ndarray, np.ndarray]:
+  """uint8 images (N,H,W[,C]) and integer labels (N,) -> float32 (N,H,W,C) in [0,1], int32 (N,)."""
+  images, labels = np.asarray(images), np.asarray(labels)
+  if images.dtype != np.uint8:
+    raise ValueError(f'{where}: images must be uint8 (0..255), got dtype {images.dtype}')
+  if images.ndim == 3:
+    images = images[..., None]
+  if images.ndim != 4:
+    raise ValueError(f'{where}: images must be (N,H,W) or (N,H,W,C), got shape {images.shape}')
+  if labels.ndim == 2 and labels.shape[1] == 1:
+    labels = labels[:, 0]
+  if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+    raise ValueError(
+      f'{where}: labels must be integers of shape (N,), got {labels.dtype} {labels.shape}'
+    )
+  if len(labels) != len(images):
+    raise ValueError(f'{where}: {len(images)} images but {len(labels)} labels')
+  x = images.astype(np.float32)
+  x /= 255.0
+  return x, labels.astype(np.int32)
+
+
+def _load_digits(split: str) -> tuple[np.ndarray, np.ndarray]:
+  from sklearn.datasets import load_digits
+  from sklearn.model_selection import train_test_split
+
+  digits = load_digits()
+  labels = digits.target.astype(np.int32)
+  n = len(labels)
+  train_idx, test_idx = train_test_split(
+    np.arange(n), test_size=0.25, random_state=0, stratify=labels
+  )
+  idx = train_idx if split == 'train' else test_idx
+  images = (digits.images[idx] / 16.0).astype(np.float32)[..., None]
+  return images, labels[idx]
+
+
+def _load_npz(path: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+  xk, yk = f'x_{split}', f'y_{split}'
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'npz dataset path {path!r} does not exist')
+  if os.path.isdir(path):
+    files = sorted(f for f in os.listdir(path) if f.endswith('.npz'))
+    if not files:
+      raise FileNotFoundError(f'npz dataset folder {path!r} contains no .npz files')
+    xs, ys = [], []
+    for f in files:
+      part = os.path.join(path, f)
+      with np.load(part) as z:
+        has = (xk in z.files, yk in z.files)
+        if has == (True, True):
+          xs.append(z[xk])
+          ys.append(z[yk])
+        elif any(has):
+          missing = yk if has[0] else xk
+          raise ValueError(f'npz part {part!r} has {xk if has[0] else yk} but no key {missing!r}')
+    if not xs:
+      raise ValueError(f'no .npz part in folder {path!r} has keys {xk!r} and {yk!r}')
+    return _to_arrays(np.concatenate(xs), np.concatenate(ys), f'npz folder {path!r} {split}')
+  with np.load(path) as z:
+    for k in (xk, yk):
+      if k not in z.files:
+        raise ValueError(f'npz file {path!r} has no key {k!r} (keys: {", ".join(z.files)})')
+    return _to_arrays(z[xk], z[yk], f'npz file {path!r} {split}')
+
+
+def _load_tfds(name: str, split: str, data_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
+  try:
+    import tensorflow_datasets as tfds
+  except ImportError as e:
+    raise ImportError(
+      f'dataset {name!r} needs tensorflow_datasets: `pip install tensorflow-datasets` '
+      '(or `pip install tsuzuku_jax[tfds]`), or use npz:PATH with a local copy'
+    ) from e
+  source = tfds.data_source(name, split=split, data_dir=data_dir)
+  records = [source[i] for i in range(len(source))]
+  images = np.stack([np.asarray(r['image']) for r in records])
+  labels = np.asarray([r['label'] for r in records])
+  return _to_arrays(images, labels, f'tfds {name!r} {split}')
+
+
+def load(name: str, split: str, *, data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Loads a dataset split as host arrays.
+
+  `'digits'` uses scikit-learn's `load_digits` (pixel values 0..16 divided by 16) and the fixed
+  split `train_test_split(np.arange(1797), test_size=0.25, random_state=0, stratify=labels)`:
+  1,347 train / 450 test images, in the order that call returns them.
+
+  Args:
+    name: `'digits'`, a name in `TFDS_NAMES`, or `'npz:PATH'` (see the module docstring).
+    split: `'train'` or `'test'`.
+    data_dir: tensorflow_datasets data directory (tfds names only; None: tfds's default).
+
+  Returns:
+    `(images, labels)`: images float32 (N, H, W, C) in [0, 1]; labels int32 (N,).
+
+  Raises:
+    ValueError: unknown name or split, or malformed npz content (missing key, non-uint8
+      images, label count mismatch); the message names the path and the problem.
+    FileNotFoundError: an npz path that does not exist, or a folder without `.npz` files.
+    ImportError: a tfds name where tensorflow_datasets is not installed.
+  """
+  _check_split(split)
+  validate_name(name)
+  if name == 'digits':
+    return _load_digits(split)
+  if name.startswith('npz:'):
+    return _load_npz(name[len('npz:') :], split)
+  return _load_tfds(name, split, data_dir)
+
+
+def num_classes(labels: np.ndarray) -> int:
+  """Number of classes assuming labels 0..K-1: `max(labels) + 1`."""
+  return int(np.max(labels)) + 1
+
+
+def steps_per_epoch(n: int, batch_size: int, drop_remainder: bool = True) -> int:
+  """Number of batches `epoch_batches` yields for `n` examples.
+
+  Raises:
+    ValueError: `batch_size < 1`, or `batch_size > n` with `drop_remainder` (no full batch).
+  """
+  if batch_size < 1:
+    raise ValueError(f'batch_size must be >= 1, got {batch_size}')
+  if drop_remainder:
+    if batch_size > n:
+      raise ValueError(f'batch_size={batch_size} > n={n} examples with drop_remainder=True')
+    return n // batch_size
+  return -(-n // batch_size)
+
+
+def epoch_batches(
+  images: np.ndarray,
+  labels: np.ndarray,
+  batch_size: int,
+  *,
+  seed: int,
+  epoch: int,
+  shuffle: bool = True,
+  drop_remainder: bool = True,
+) -> Iterator[dict[str, np.ndarray]]:
+  """Batches for one training epoch, in an order that depends only on `(seed, epoch)`.
+
+  The order is `jax.random.permutation(jax.random.fold_in(jax.random.key(seed), epoch), n)`, so
+  a run resumed at epoch `e` sees exactly the batches it would have seen. Every host of a
+  multi-host job computes the same global batches (see `shard_batch`).
+
+  Args:
+    images: (N, ...) array.
+    labels: (N, ...) array.
+    batch_size: examples per batch.
+    seed: data-order seed.
+    epoch: epoch index, folded into the seed.
+    shuffle: if False, batches are taken in the stored order.
+    drop_remainder: drop the final partial batch (otherwise it is yielded, smaller).
+
+  Returns:
+    An iterator of `{'image': (B, ...), 'label': (B, ...)}` numpy batches.
+
+  Raises:
+    ValueError: mismatched lengths, or a bad `batch_size` (see `steps_per_epoch`); raised at the
+      call, not at the first `next`.
+  """
+  n = len(images)
+  if len(labels) != n:
+    raise ValueError(f'{n} images but {len(labels)} labels')
+  steps = steps_per_epoch(n, batch_size, drop_remainder)
+  if shuffle:
+    key = jax.random.fold_in(jax.random.key(seed), epoch)
+    order = np.asarray(jax.random.permutation(key, n))
+  else:
+    order = np.arange(n)
+
+  def gen() -> Iterator[dict[str, np.ndarray]]:
+    for s in range(steps):
+      idx = order[s * batch_size : (s + 1) * batch_size]
+      yield {'image': images[idx], 'label': labels[idx]}
+
+  return gen()
+
+
+def eval_batches(
+  images: np.ndarray, labels: np.ndarray, batch_size: int
+) -> Iterator[dict[str, np.ndarray]]:
+  """In-order batches covering every example once; the last batch may be smaller (no padding).
+
+  Args:
+    images: (N, ...) array.
+    labels: (N, ...) array.
+    batch_size: examples per batch (>= 1).
+
+  Returns:
+    An iterator of `{'image': (B, ...), 'label': (B, ...)}` slices, B <= batch_size.
+  """
+  return epoch_batches(
+    images, labels, batch_size, seed=0, epoch=0, shuffle=False, drop_remainder=False
+  )
+
+
+def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A 1-D mesh with axis `'data'` over all devices (or the given ones, in the given order).
+
+  The axis type is `Auto` (classic GSPMD propagation) in both cases.
+  """
+  auto = (jax.sharding.AxisType.Auto,)
+  if devices is None:
+    return jax.make_mesh((jax.device_count(),), ('data',), axis_types=auto)
+  return Mesh(np.array(devices), ('data',), axis_types=auto)
+
+
+def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh | None) -> dict[str, jax.Array]:
+  """Puts a host batch on devices, splitting the leading (batch) axis over mesh axis `'data'`.
+
+  In a multi-host job every host passes the same global batch (as `epoch_batches` yields) and
+  each keeps its addressable shards.
+
+  Args:
+    batch: dict of arrays with a common leading dimension B.
+    mesh: a mesh with a `'data'` axis, or None (single device: plain `jax.device_put`).
+
+  Returns:
+    Dict of `jax.Array`s, sharded as `NamedSharding(mesh, P('data'))` when the mesh has more
+    than one device.
+
+  Raises:
+    ValueError: the mesh has no `'data'` axis, or B is not divisible by its size.
+  """
+  if mesh is None or mesh.size == 1:
+    return {k: jax.device_put(v) for k, v in batch.items()}
+  if 'data' not in mesh.axis_names:
+    raise ValueError(f"mesh has no 'data' axis (axes: {mesh.axis_names})")
+  n_dev = mesh.shape['data']
+  sharding = NamedSharding(mesh, P('data'))
+  out = {}
+  for k, v in batch.items():
+    if v.shape[0] % n_dev:
+      raise ValueError(
+        f'batch size {v.shape[0]} (key {k!r}) is not divisible by the {n_dev} devices '
+        "of mesh axis 'data'"
+      )
+    out[k] = jax.device_put(v, sharding)
+  return out

@@ -1,0 +1,54 @@
+"""Matplotlib figures used by the experiments and notebooks."""
+
+from collections.abc import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def certified_accuracy_curve(
+  radius: np.ndarray, correct: np.ndarray, eps_grid: np.ndarray
+) -> np.ndarray:
+  """Fraction of points correctly classified with certified radius > eps, per eps."""
+  radius = np.asarray(radius)[:, None]
+  return np.mean(np.asarray(correct)[:, None] & (radius > np.asarray(eps_grid)[None, :]), 0)
+
+
+def plot_certified_accuracy(
+  curves: Mapping[str, tuple[np.ndarray, np.ndarray]],
+  path: str | None = None,
+  *,
+  title: str = '',
+  marks: Mapping[str, tuple[Sequence[float], Sequence[float]]] | None = None,
+):
+  """Certified accuracy against the L2 radius eps (pixel units), one line per model.
+
+  Args:
+    curves: label -> (eps grid, certified accuracy on it).
+    path: PNG path to write (None: only return the figure).
+    title: figure title.
+    marks: label -> (eps, accuracy) points drawn as markers (e.g. PGD robust accuracy).
+
+  Returns:
+    The matplotlib Figure.
+  """
+  fig, ax = plt.subplots(figsize=(5.5, 3.8))
+  for label, (eps, acc) in curves.items():
+    ax.plot(eps, 100 * np.asarray(acc), label=label)
+  for label, (eps, acc) in (marks or {}).items():
+    ax.plot(eps, 100 * np.asarray(acc), 'o--', ms=4, label=label)
+  ax.set_xlabel('L2 radius eps (pixels in [0, 1])')
+  ax.set_ylabel('accuracy (%)')
+  ax.set_ylim(0, 100)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  if title:
+    ax.set_title(title)
+  fig.tight_layout()
+  if path:
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+  return fig

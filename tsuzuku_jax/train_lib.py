@@ -1,0 +1,268 @@
+"""Training loop: TrainState, jitted train/eval steps, orbax checkpoint/resume, metrics.jsonl.
+
+`train(model, config, images, labels, workdir)` trains a model of `tsuzuku_jax.models` with
+plain cross-entropy (`config.c == 0`) or Lipschitz-margin training (`config.c > 0`). A run
+restarted on the same workdir resumes from the last checkpoint and ends with the same
+parameters as an uninterrupted run: the data order depends only on (seed, epoch) and the
+dropout key only on (seed, step).
+"""
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from tsuzuku_jax import data, lmt
+
+
+class TrainState(NamedTuple):
+  step: jax.Array  # shape=(), int32: number of optimiser steps taken.
+  params: Any
+  batch_stats: Any  # running batch-norm statistics ({} for models without BN).
+  lipschitz: Any  # persistent power-iteration vectors, one per linear layer.
+  opt_state: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Optimisation and LMT settings (the launcher builds it from flags)."""
+
+  steps: int = 1000
+  batch_size: int = 128
+  optimizer: str = 'adam'  # 'adam' | 'sgd' (Nesterov momentum 0.9)
+  learning_rate: float = 1e-3
+  schedule: str = 'cosine'  # 'cosine' | 'constant' | 'step' (x0.1 at 50% and 75%)
+  warmup_steps: int = 0
+  weight_decay: float = 0.0
+  c: float = 0.0  # LMT margin scale; 0 = plain cross-entropy (no bound work in the step).
+  c_warmup_steps: int = 0
+  form: str = 'pairwise'  # lmt.FORMS
+  variant: str = 'lmt'  # lmt.VARIANTS
+  clip: bool = False
+  seed: int = 0
+  log_every: int = 100
+  checkpoint_every: int = 1000
+  max_checkpoints: int = 2
+
+  def __post_init__(self):
+    checks = [
+      (self.steps > 0, f'steps must be positive, got {self.steps}'),
+      (self.batch_size > 0, f'batch_size must be positive, got {self.batch_size}'),
+      (self.learning_rate > 0, f'learning_rate must be positive, got {self.learning_rate}'),
+      (self.c >= 0, f'c must be >= 0, got {self.c}'),
+      (self.optimizer in ('adam', 'sgd'), f'unknown optimizer {self.optimizer!r}'),
+      (self.schedule in ('cosine', 'constant', 'step'), f'unknown schedule {self.schedule!r}'),
+      (self.form in lmt.FORMS, f'form must be one of {lmt.FORMS}, got {self.form!r}'),
+      (self.variant in lmt.VARIANTS, f'variant must be one of {lmt.VARIANTS}'),
+      (self.checkpoint_every > 0, 'checkpoint_every must be positive'),
+    ]
+    for ok, msg in checks:
+      if not ok:
+        raise ValueError(msg)
+
+
+class TrainingDiverged(FloatingPointError):
+  """The loss became NaN or Inf; the last good checkpoint is kept."""
+
+
+def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+  lr = config.learning_rate
+  if config.schedule == 'cosine':
+    sched = optax.warmup_cosine_decay_schedule(0.0, lr, config.warmup_steps, config.steps)
+  elif config.schedule == 'step':
+    bounds = {int(config.steps * 0.5): 0.1, int(config.steps * 0.75): 0.1}
+    sched = optax.piecewise_constant_schedule(lr, bounds)
+  else:
+    sched = optax.constant_schedule(lr)
+  if config.optimizer == 'adam':
+    return optax.adamw(sched, weight_decay=config.weight_decay)
+  return optax.chain(
+    optax.add_decayed_weights(config.weight_decay),
+    optax.sgd(sched, momentum=0.9, nesterov=True),
+  )
+
+
+def create_state(model, config: TrainConfig, input_shape) -> tuple[TrainState, Any]:
+  """Initialises parameters, BN statistics, power-iteration vectors and optimiser state."""
+  x = jnp.zeros((1, *input_shape), jnp.float32)
+  variables = model.init(jax.random.key(config.seed), x, train=False)
+  tx = make_optimizer(config)
+  params = variables['params']
+  state = TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    batch_stats=variables.get('batch_stats', {}),
+    lipschitz=variables.get('lipschitz', {}),
+    opt_state=tx.init(params),
+  )
+  return state, tx
+
+
+def variables_of(state: TrainState) -> dict:
+  """The Flax variables dict for `model.apply`."""
+  return {'params': state.params, 'batch_stats': state.batch_stats, 'lipschitz': state.lipschitz}
+
+
+def make_train_step(model, tx, config: TrainConfig) -> Callable:
+  """Jitted `train_step(state, batch) -> (state, metrics)`; LMT when config.c > 0."""
+  use_lmt = config.c > 0
+  c_sched = lmt.c_schedule(config.c, config.c_warmup_steps)
+  base_key = jax.random.key(config.seed)
+
+  def loss_fn(params, state, batch, rng):
+    variables = {**variables_of(state), 'params': params}
+    (logits, bounds), updates = model.apply(
+      variables,
+      batch['image'],
+      train=True,
+      mode='estimate' if use_lmt else 'none',
+      rngs={'dropout': rng},
+      mutable=['batch_stats', 'lipschitz'],
+    )
+    labels = batch['label']
+    if use_lmt:
+      c = c_sched(state.step)
+      loss = lmt.lmt_loss(
+        logits, labels, bounds, c, form=config.form, variant=config.variant, clip=config.clip
+      )
+      lip = jnp.max(lmt.pairwise_bounds(bounds, config.form))
+    else:
+      c = jnp.zeros(())
+      loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+      lip = jnp.zeros(())
+    acc = jnp.mean(jnp.argmax(logits, -1) == labels)
+    return loss, (updates, {'loss': loss, 'accuracy': acc, 'c': c, 'lipschitz_estimate': lip})
+
+  @jax.jit
+  def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    rng = jax.random.fold_in(base_key, state.step)
+    grads, (updates, metrics) = jax.grad(loss_fn, has_aux=True)(state.params, state, batch, rng)
+    upd, opt_state = tx.update(grads, state.opt_state, state.params)
+    new_state = TrainState(
+      step=state.step + 1,
+      params=optax.apply_updates(state.params, upd),
+      batch_stats=updates.get('batch_stats', state.batch_stats),
+      lipschitz=updates.get('lipschitz', state.lipschitz),
+      opt_state=opt_state,
+    )
+    metrics['grad_norm'] = optax.global_norm(grads)
+    return new_state, metrics
+
+  return train_step
+
+
+def logits_fn(model, state: TrainState) -> Callable[[jax.Array], jax.Array]:
+  """images -> logits at evaluation (running BN statistics, no bound work)."""
+  variables = variables_of(state)
+  return lambda x: model.apply(variables, x, train=False, mode='none')[0]
+
+
+def evaluate(model, state, images, labels, batch_size: int = 500) -> float:
+  """Clean test accuracy."""
+  fn = jax.jit(logits_fn(model, state))
+  preds = [
+    np.asarray(jnp.argmax(fn(b['image']), -1))
+    for b in data.eval_batches(images, labels, batch_size)
+  ]
+  return float(np.mean(np.concatenate(preds) == labels))
+
+
+def _manager(workdir: str, config: TrainConfig) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=config.max_checkpoints, create=True)
+  return ocp.CheckpointManager(
+    os.path.join(os.path.abspath(workdir), 'checkpoints'), options=options
+  )
+
+
+def restore_latest(workdir: str, state: TrainState, config: TrainConfig) -> TrainState:
+  """The latest checkpoint in `workdir` (or `state` unchanged when there is none)."""
+  mngr = _manager(workdir, config)
+  step = mngr.latest_step()
+  if step is None:
+    return state
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state._asdict())
+  restored = mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+  return TrainState(**restored)
+
+
+def _all_finite(metrics: dict) -> bool:
+  return all(np.isfinite(np.asarray(v)).all() for v in metrics.values())
+
+
+def train(
+  model,
+  config: TrainConfig,
+  images: np.ndarray,
+  labels: np.ndarray,
+  workdir: str,
+  *,
+  mesh=None,
+  log: Callable[[str], None] = print,
+) -> TrainState:
+  """Trains (or resumes) for `config.steps` steps; returns the final state.
+
+  Writes `workdir/metrics.jsonl` (one line per logging step) and orbax checkpoints in
+  `workdir/checkpoints` every `config.checkpoint_every` steps and at the end. With a `mesh`
+  (axis 'data'), each global batch is sharded over it and the state is replicated.
+
+  Raises:
+    TrainingDiverged: the loss became NaN/Inf; the last checkpoint saved is the last good one.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  state, tx = create_state(model, config, images.shape[1:])
+  state = restore_latest(workdir, state, config)
+  start = int(state.step)
+  if start:
+    log(f'resumed from {workdir}/checkpoints at step {start}')
+  if mesh is not None:
+    state = jax.device_put(state, NamedSharding(mesh, P()))
+  train_step = make_train_step(model, tx, config)
+  mngr = _manager(workdir, config)
+  per_epoch = data.steps_per_epoch(len(images), config.batch_size)
+  step, t0, t_last, window = start, time.time(), time.time(), []
+  with open(os.path.join(workdir, 'metrics.jsonl'), 'a') as metrics_file:
+    while step < config.steps:
+      epoch, skip = divmod(step, per_epoch)
+      batches = data.epoch_batches(images, labels, config.batch_size, seed=config.seed, epoch=epoch)
+      for i, batch in enumerate(batches):
+        if i < skip:
+          continue
+        state, metrics = train_step(state, data.shard_batch(batch, mesh))
+        step += 1
+        window.append(metrics)
+        last = step == config.steps
+        if step % config.log_every == 0 or last or step % config.checkpoint_every == 0:
+          host = jax.device_get(window)
+          window = []
+          mean = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+          if not all(_all_finite(m) for m in host):
+            raise TrainingDiverged(
+              f'loss is {mean["loss"]} at step {step}: stopping; the last good checkpoint '
+              f'(step {mngr.latest_step()}) is kept in {workdir}/checkpoints'
+            )
+          now = time.time()
+          rate = (step - start) / max(now - t0, 1e-9)
+          eta = (config.steps - step) / max(rate, 1e-9)
+          log(
+            f'step {step}/{config.steps} loss {mean["loss"]:.4f} acc {mean["accuracy"]:.3f} '
+            f'c {mean["c"]:.3g} {rate:.1f} steps/s ETA {eta:.0f}s'
+          )
+          metrics_file.write(json.dumps({'step': step, 'time': now - t_last, **mean}) + '\n')
+          metrics_file.flush()
+          t_last = now
+        if step % config.checkpoint_every == 0 or last:
+          mngr.save(step, args=ocp.args.StandardSave(state._asdict()))
+        if last:
+          break
+  mngr.wait_until_finished()
+  return state
