@@ -230,39 +230,44 @@ def train(
   mngr = _manager(workdir, config)
   per_epoch = data.steps_per_epoch(len(images), config.batch_size)
   step, t0, t_last, window = start, time.time(), time.time(), []
-  with open(os.path.join(workdir, 'metrics.jsonl'), 'a') as metrics_file:
-    while step < config.steps:
-      epoch, skip = divmod(step, per_epoch)
-      batches = data.epoch_batches(images, labels, config.batch_size, seed=config.seed, epoch=epoch)
-      for i, batch in enumerate(batches):
-        if i < skip:
-          continue
-        state, metrics = train_step(state, data.shard_batch(batch, mesh))
-        step += 1
-        window.append(metrics)
-        last = step == config.steps
-        if step % config.log_every == 0 or last or step % config.checkpoint_every == 0:
-          host = jax.device_get(window)
-          window = []
-          mean = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
-          if not all(_all_finite(m) for m in host):
-            raise TrainingDiverged(
-              f'loss is {mean["loss"]} at step {step}: stopping; the last good checkpoint '
-              f'(step {mngr.latest_step()}) is kept in {workdir}/checkpoints'
+  try:
+    with open(os.path.join(workdir, 'metrics.jsonl'), 'a') as metrics_file:
+      while step < config.steps:
+        epoch, skip = divmod(step, per_epoch)
+        batches = data.epoch_batches(
+          images, labels, config.batch_size, seed=config.seed, epoch=epoch
+        )
+        for i, batch in enumerate(batches):
+          if i < skip:
+            continue
+          state, metrics = train_step(state, data.shard_batch(batch, mesh))
+          step += 1
+          window.append(metrics)
+          last = step == config.steps
+          if step % config.log_every == 0 or last or step % config.checkpoint_every == 0:
+            host = jax.device_get(window)
+            window = []
+            mean = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+            if not all(_all_finite(m) for m in host):
+              raise TrainingDiverged(
+                f'loss is {mean["loss"]} at step {step}: stopping; the last good checkpoint '
+                f'(step {mngr.latest_step()}) is kept in {workdir}/checkpoints'
+              )
+            now = time.time()
+            rate = (step - start) / max(now - t0, 1e-9)
+            eta = (config.steps - step) / max(rate, 1e-9)
+            log(
+              f'step {step}/{config.steps} loss {mean["loss"]:.4f} acc {mean["accuracy"]:.3f} '
+              f'c {mean["c"]:.3g} {rate:.1f} steps/s ETA {eta:.0f}s'
             )
-          now = time.time()
-          rate = (step - start) / max(now - t0, 1e-9)
-          eta = (config.steps - step) / max(rate, 1e-9)
-          log(
-            f'step {step}/{config.steps} loss {mean["loss"]:.4f} acc {mean["accuracy"]:.3f} '
-            f'c {mean["c"]:.3g} {rate:.1f} steps/s ETA {eta:.0f}s'
-          )
-          metrics_file.write(json.dumps({'step': step, 'time': now - t_last, **mean}) + '\n')
-          metrics_file.flush()
-          t_last = now
-        if step % config.checkpoint_every == 0 or last:
-          mngr.save(step, args=ocp.args.StandardSave(state._asdict()))
-        if last:
-          break
-  mngr.wait_until_finished()
+            metrics_file.write(json.dumps({'step': step, 'time': now - t_last, **mean}) + '\n')
+            metrics_file.flush()
+            t_last = now
+          if step % config.checkpoint_every == 0 or last:
+            mngr.save(step, args=ocp.args.StandardSave(state._asdict()))
+          if last:
+            break
+  finally:
+    # Commit any checkpoint still being written, also when interrupted or diverged.
+    mngr.wait_until_finished()
   return state
