@@ -1,0 +1,48 @@
+"""tsuzuku_jax: Lipschitz-margin training and certification (more papers to come).
+
+Modules: `data`, `models`, `lipschitz`, `lmt`, `attacks`, `train_lib`, `plotting`.
+"""
+
+from tsuzuku_jax import attacks, data, lipschitz, lmt, models, plotting, train_lib
+from tsuzuku_jax.attacks import count_violations, pgd_l2, robust_accuracy
+from tsuzuku_jax.lipschitz import (
+  conv_certificate,
+  dense_certificate,
+  pairwise_row_certificate,
+  power_iteration,
+  power_iteration_step,
+)
+from tsuzuku_jax.lmt import (
+  certificate_bounds,
+  certified_accuracy,
+  certified_radius,
+  certify_dataset,
+  lmt_loss,
+  margin_logits,
+)
+from tsuzuku_jax.models import LipBounds
+
+__all__ = [
+  'LipBounds',
+  'attacks',
+  'certificate_bounds',
+  'certified_accuracy',
+  'certified_radius',
+  'certify_dataset',
+  'conv_certificate',
+  'count_violations',
+  'data',
+  'dense_certificate',
+  'lipschitz',
+  'lmt',
+  'lmt_loss',
+  'margin_logits',
+  'models',
+  'pairwise_row_certificate',
+  'pgd_l2',
+  'plotting',
+  'power_iteration',
+  'power_iteration_step',
+  'robust_accuracy',
+  'train_lib',
+]
