@@ -14,6 +14,7 @@ Loss variants: 'lmt' (margin-augmented cross-entropy, optionally with the releas
 clipping) and 'gloro' (Leino et al., 2021: one extra logit max_{i != y} z_i + c L_yi).
 """
 
+import functools
 from collections.abc import Callable, Sequence
 
 import jax
@@ -149,7 +150,7 @@ def certificate_bounds(
   test set. `apply_fn(variables, x, train=False, mode=...)` -> (logits, LipBounds).
   """
   x = jnp.zeros((1, *input_shape), jnp.float32)
-  _, bounds = apply_fn(variables, x, train=False, mode=mode)
+  _, bounds = jax.jit(functools.partial(apply_fn, train=False, mode=mode))(variables, x)
   return bounds
 
 
@@ -209,7 +210,8 @@ def layer_report(apply_fn: Callable, variables, input_shape: Sequence[int]) -> d
   x = jnp.zeros((1, *input_shape), jnp.float32)
   out = {}
   for mode in ('estimate', 'converged', 'certificate'):
-    _, sown = apply_fn(variables, x, train=False, mode=mode, mutable=['lip_report'])
+    fn = functools.partial(apply_fn, train=False, mode=mode, mutable=['lip_report'])
+    _, sown = jax.jit(fn)(variables, x)
     flat = jax.tree_util.tree_flatten_with_path(sown['lip_report'])[0]
     for path, value in flat:
       keys = [str(getattr(p, 'key', getattr(p, 'idx', p))) for p in path]

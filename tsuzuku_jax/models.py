@@ -77,7 +77,8 @@ def layer_bound(
         u.value = u_next
     else:
       sigma, _ = lipschitz.power_iteration(op, u.value, CONVERGED_ITERS)
-  module.sow('lip_report', 'sigma', sigma)
+  if not module.is_initializing():
+    module.sow('lip_report', 'sigma', sigma)
   return sigma
 
 
@@ -190,7 +191,7 @@ class LipBatchNorm(nn.Module):
     _check_mode(mode)
     scale, shift = BatchNorm(name='bn')(x, train=train)
     sigma = jnp.max(jnp.abs(scale))
-    if mode != 'none':
+    if mode != 'none' and not self.is_initializing():
       self.sow('lip_report', 'sigma', sigma)
     return x * scale + shift, lip * sigma
 
@@ -323,7 +324,9 @@ class WideBlock(nn.Module):
       sc, lip_sc = short(o, lip_o, **kw)
     else:
       sc, lip_sc = x, lip
-    conv1 = LipConv(self.features, (3, 3), self.strides, use_bias=False, batch_norm=True)
+    conv1 = LipConv(
+      self.features, (3, 3), self.strides, use_bias=False, batch_norm=True, name='conv1'
+    )
     b, lip_b = conv1(o, lip_o, **kw)
     b = nn.Dropout(self.dropout, deterministic=not train)(nn.relu(b))
     b, lip_b = LipConv(self.features, (3, 3), use_bias=False, name='conv2')(b, lip_b, **kw)

@@ -2,11 +2,8 @@
 
 from collections.abc import Mapping, Sequence
 
-import matplotlib
-
-matplotlib.use('Agg')
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
 
 def certified_accuracy_curve(

@@ -8,6 +8,7 @@ dropout key only on (seed, step).
 """
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -95,7 +96,8 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
 def create_state(model, config: TrainConfig, input_shape) -> tuple[TrainState, Any]:
   """Initialises parameters, BN statistics, power-iteration vectors and optimiser state."""
   x = jnp.zeros((1, *input_shape), jnp.float32)
-  variables = model.init(jax.random.key(config.seed), x, train=False)
+  # Jitted: an eager init compiles every small op separately (seconds for a tiny MLP).
+  variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(config.seed), x)
   tx = make_optimizer(config)
   params = variables['params']
   state = TrainState(

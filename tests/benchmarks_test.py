@@ -1,0 +1,65 @@
+"""Tests for benchmarks/lmt_bench.py: a smoke run end to end, and a check that can fail."""
+
+import importlib.util
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from tsuzuku_jax import lmt, models
+
+_PATH = os.path.join(os.path.dirname(__file__), '..', 'benchmarks', 'lmt_bench.py')
+
+
+@pytest.fixture(scope='module')
+def bench():
+  spec = importlib.util.spec_from_file_location('lmt_bench', _PATH)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_smoke_run_writes_json(bench, tmp_path, capsys):
+  out = tmp_path / 'bench.json'
+  result = bench.main(['--smoke', '--models=mlp', f'--out={out}'])
+  printed = capsys.readouterr().out
+  assert 'LMT/plain' in printed and 'certify img/s' in printed and 'Device:' in printed
+  saved = json.loads(out.read_text())
+  assert saved['ok'] and saved['device']['platform'] == jax.devices()[0].platform
+  record = saved['models']['mlp']
+  assert record['correctness']['ok']
+  assert record['correctness']['min_layer_ratio'] >= 1 - bench.FAIL_RTOL
+  for variant in ('lmt', 'gloro'):
+    assert record['train_step'][variant]['ratio_to_plain'] > 0
+    assert len(record['train_step'][variant]['times_ms']) == record['repeats']
+  assert record['certification']['certify']['images_per_s'] > 0
+  assert result['models']['mlp']['certification']['certify_over_plain_time'] > 0
+
+
+def test_check_fails_when_certificate_is_below_converged(bench, monkeypatch):
+  model = models.MLP(hidden=(16,))
+  shape = (4, 4, 1)
+  variables = model.init(jax.random.key(0), jnp.zeros((1, *shape)))
+  record, ok = bench.check_bounds(model, variables, shape)
+  assert ok and not record['failures']
+
+  real_report = lmt.layer_report
+
+  def shrunk_report(*args):
+    out = real_report(*args)
+    out['dense0']['certificate'] = 0.9 * out['dense0']['converged']
+    return out
+
+  monkeypatch.setattr(lmt, 'layer_report', shrunk_report)
+  record, ok = bench.check_bounds(model, variables, shape)
+  assert not ok
+  assert any('dense0' in f for f in record['failures'])
+
+
+def test_bad_flags_are_rejected(bench):
+  with pytest.raises(SystemExit):
+    bench.parse_args(['--models=mlp,resnet'])
+  with pytest.raises(SystemExit):
+    bench.parse_args(['--c=0'])

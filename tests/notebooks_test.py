@@ -1,0 +1,93 @@
+"""Executes every notebook in colabs/ at smoke settings and checks that it is stored clean.
+
+The kernel is started with TSUZUKU_NOTEBOOK_SMOKE=1 in its environment, which each notebook's
+settings cell reads to switch to tiny step counts; it also inherits conftest.py's XLA_FLAGS and
+JAX_PLATFORMS. Needs the `python3` Jupyter kernel of the venv (`make install` registers it).
+"""
+
+import ast
+import glob
+import os
+import time
+
+import nbformat
+import pytest
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..'))
+NOTEBOOKS = sorted(glob.glob(os.path.join(ROOT, 'colabs', '*.ipynb')))
+# Module base classes a notebook may subclass: the "certify your own model" demos.
+ALLOWED_BASES = ('nn.Module', 'flax.linen.Module', 'linen.Module')
+
+
+def _ids(paths):
+  return [os.path.basename(p) for p in paths]
+
+
+def _code_cells(nb):
+  return [c for c in nb.cells if c.cell_type == 'code']
+
+
+def _python_source(cell) -> str:
+  """Cell source with IPython magics and shell escapes (`%...`, `!...`) commented out."""
+  lines = []
+  for line in cell.source.splitlines():
+    stripped = line.lstrip()
+    lines.append('# ' + line if stripped.startswith(('%', '!')) else line)
+  return '\n'.join(lines)
+
+
+def test_colabs_exist():
+  assert NOTEBOOKS, f'no notebooks found in {os.path.join(ROOT, "colabs")}'
+
+
+@pytest.mark.parametrize('path', NOTEBOOKS, ids=_ids(NOTEBOOKS))
+def test_notebook_is_stored_without_outputs(path):
+  nb = nbformat.read(path, as_version=4)
+  nbformat.validate(nb)
+  for i, cell in enumerate(_code_cells(nb)):
+    assert cell.outputs == [], f'code cell {i} of {path} has stored outputs: clear them'
+    assert cell.execution_count is None, f'code cell {i} of {path} has an execution count'
+
+
+@pytest.mark.parametrize('path', NOTEBOOKS, ids=_ids(NOTEBOOKS))
+def test_notebook_uses_the_library_and_defines_no_library_code(path):
+  nb = nbformat.read(path, as_version=4)
+  trees = [ast.parse(_python_source(c)) for c in _code_cells(nb)]
+  imported = set()
+  for tree in trees:
+    for node in ast.walk(tree):
+      if isinstance(node, ast.ImportFrom) and node.module:
+        imported.add(node.module.split('.')[0])
+      elif isinstance(node, ast.Import):
+        imported.update(a.name.split('.')[0] for a in node.names)
+  assert 'tsuzuku_jax' in imported, f'{path} does not import tsuzuku_jax'
+  for tree in trees:
+    for node in tree.body:
+      assert not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef), (
+        f'{path} defines function {node.name!r}: library code belongs in tsuzuku_jax'
+      )
+      if isinstance(node, ast.ClassDef):
+        bases = [ast.unparse(b) for b in node.bases]
+        assert any(b in ALLOWED_BASES for b in bases), (
+          f'{path} defines class {node.name!r} (bases {bases}); only user-model demos '
+          f'(subclasses of {ALLOWED_BASES}) belong in a notebook'
+        )
+
+
+@pytest.mark.parametrize('path', NOTEBOOKS, ids=_ids(NOTEBOOKS))
+def test_notebook_executes(path, monkeypatch):
+  from nbclient import NotebookClient
+
+  monkeypatch.setenv('TSUZUKU_NOTEBOOK_SMOKE', '1')  # the kernel inherits os.environ
+  nb = nbformat.read(path, as_version=4)
+  client = NotebookClient(
+    nb, timeout=600, kernel_name='python3', resources={'metadata': {'path': ROOT}}
+  )
+  t0 = time.time()
+  client.execute()  # raises CellExecutionError (with the cell and traceback) on any error
+  seconds = time.time() - t0
+  errors = [
+    o for c in _code_cells(nb) for o in c.get('outputs', []) if o.get('output_type') == 'error'
+  ]
+  assert not errors, errors
+  print(f'{os.path.basename(path)} executed in {seconds:.0f}s')
