@@ -15,6 +15,7 @@ exactly `jax.vjp` of that function: any stride and padding is handled without ha
 transposed convolutions.
 """
 
+import contextlib
 from collections.abc import Callable, Sequence
 
 import jax
@@ -100,11 +101,26 @@ def _round_up_f32(x: float) -> np.float32:
   return np.nextafter(y, np.float32(np.inf)) if float(y) < x else y
 
 
+def _one_blas_thread():
+  # XLA runs several host callbacks at once; each with a multi-threaded BLAS oversubscribes
+  # the cores (measured 9-60x slower on 2 cores). One BLAS thread per callback avoids it.
+  try:
+    import threadpoolctl
+  except ImportError:
+    return contextlib.nullcontext()
+  return threadpoolctl.threadpool_limits(limits=1, user_api='blas')
+
+
 def _host_bound(fn, *args) -> jax.Array:
   """Runs a float64 numpy bound on the host; works under jit (not differentiable)."""
   out = jax.ShapeDtypeStruct((), jnp.float32)
+
+  def host(*a):
+    with _one_blas_thread():
+      return _round_up_f32(fn(*[np.asarray(x, np.float64) for x in a]))
+
   return jax.pure_callback(
-    lambda *a: _round_up_f32(fn(*[np.asarray(x, np.float64) for x in a])),
+    host,
     out,
     *args,
     vmap_method='sequential',

@@ -19,7 +19,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -179,7 +178,10 @@ def evaluate(model, state, images, labels, batch_size: int = 500) -> float:
   return float(np.mean(np.concatenate(preds) == labels))
 
 
-def _manager(workdir: str, config: TrainConfig) -> ocp.CheckpointManager:
+def _manager(workdir: str, config: TrainConfig):
+  # orbax is imported here so the rest of the module (train steps, benchmarks) works without it.
+  import orbax.checkpoint as ocp
+
   options = ocp.CheckpointManagerOptions(max_to_keep=config.max_checkpoints, create=True)
   return ocp.CheckpointManager(
     os.path.join(os.path.abspath(workdir), 'checkpoints'), options=options
@@ -188,6 +190,8 @@ def _manager(workdir: str, config: TrainConfig) -> ocp.CheckpointManager:
 
 def restore_latest(workdir: str, state: TrainState, config: TrainConfig) -> TrainState:
   """The latest checkpoint in `workdir` (or `state` unchanged when there is none)."""
+  import orbax.checkpoint as ocp
+
   mngr = _manager(workdir, config)
   step = mngr.latest_step()
   if step is None:
@@ -220,6 +224,8 @@ def train(
   Raises:
     TrainingDiverged: the loss became NaN/Inf; the last checkpoint saved is the last good one.
   """
+  import orbax.checkpoint as ocp
+
   os.makedirs(workdir, exist_ok=True)
   state, tx = create_state(model, config, images.shape[1:])
   state = restore_latest(workdir, state, config)

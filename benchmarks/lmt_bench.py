@@ -1,0 +1,615 @@
+r"""LMT benchmark: what the Lipschitz bound costs in training and certification; soundness check.
+
+  PYTHONPATH=. python benchmarks/lmt_bench.py --out=benchmarks/results/lmt_bench_cpu.json
+
+One call, per model (MLP on 8x8x1, the small CNN on 28x28x1, WRN-16-4 on 32x32x3; synthetic
+random data, so no dataset and no tensorflow_datasets are needed):
+
+1. Correctness (first; the benchmark refuses to report if it fails): after a few LMT training
+   steps, the sound certificate bound (`lmt.certificate_bounds`) must be >= the 'converged'
+   power-iteration bound (a lower bound on the true norm), for the whole network and for every
+   layer (`lmt.layer_report`), up to a relative 1e-5. A layer whose certificate is more than
+   5 % above its converged value gets a WARNING line (a loose, but still sound, bound).
+2. Train step: `train_lib.make_train_step` with c = 0 (plain cross-entropy, bound mode 'none')
+   versus c > 0 (LMT, pairwise form, one power-iteration step per layer) and, where cheap, the
+   GloRo loss; same model, batch and optimiser. Compilation is excluded; the variants are
+   interleaved (rotating order) over the repeats so that load drift hits all of them alike; the
+   number reported is the median over repeats of the mean time of K steps, each repeat ending in
+   `jax.block_until_ready`.
+3. Certification: the one-off time of `lmt.certificate_bounds` (host float64 SVDs), and the
+   per-example throughput of certification (eval logits + `lmt.certified_radius`, at 'highest'
+   matmul precision, as a certificate needs) versus plain inference (eval logits + argmax) on the
+   same batch.
+
+Ratios are the numbers to quote; absolute times only with the device line printed above them.
+The JSON (`--out`) holds the device, the settings, every repeat's time and every ratio.
+
+On a CPU, WRN-16-4 at batch 128 costs tens of seconds per step, so unless told otherwise WRN
+runs there at batch 16 with fewer repeats and without the GloRo variant (`--wrn_*`, `--gloro`).
+Host BLAS is limited to `--blas_threads` threads (when threadpoolctl is available): on a small
+shared CPU, OpenBLAS's default threading slows the certificate's batched SVDs by an order of
+magnitude.
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
+sys.path.insert(0, _ROOT)
+
+
+from tsuzuku_jax import lmt, models, train_lib  # noqa: E402
+
+# A certificate may sit below the converged (lower-bound) estimate by float32 rounding only.
+FAIL_RTOL = 1e-5
+# Per layer, certificate / converged above this is reported as a loose bound (not a failure).
+WARN_RATIO = 1.05
+TEST_SET = 10_000  # images, for the "certify a whole test set" estimate
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+  """One benchmarked model and how to time it."""
+
+  name: str
+  model: nn.Module
+  input_shape: tuple[int, int, int]
+  batch_size: int
+  repeats: int
+  steps_per_repeat: int
+  variants: tuple[str, ...]  # of 'plain', 'lmt', 'gloro'
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument('--models', default='mlp,cnn,wrn', help='Comma-separated: mlp, cnn, wrn.')
+  p.add_argument('--batch_size', type=int, default=128, help='Batch of every timed step.')
+  p.add_argument('--repeats', type=int, default=5, help='Timed repeats (median over them).')
+  p.add_argument('--steps_per_repeat', type=int, default=5, help='Min steps (calls) per repeat.')
+  p.add_argument(
+    '--min_repeat_s',
+    type=float,
+    default=0.2,
+    help='Raise the steps per repeat of cheap models so that a repeat lasts this long.',
+  )
+  auto = '-1: --batch_size/--repeats/--steps_per_repeat on accelerators; on CPU'
+  p.add_argument('--wrn_batch_size', type=int, default=-1, help=f'{auto} 16.')
+  p.add_argument('--wrn_repeats', type=int, default=-1, help=f'{auto} 3.')
+  p.add_argument('--wrn_steps_per_repeat', type=int, default=-1, help=f'{auto} 1.')
+  p.add_argument(
+    '--gloro',
+    choices=('auto', 'all', 'none'),
+    default='auto',
+    help='Time the GloRo loss too: all models, none, or auto (all but WRN on CPU).',
+  )
+  p.add_argument('--c', type=float, default=0.5, help='LMT / GloRo margin scale (c > 0).')
+  p.add_argument('--check_steps', type=int, default=2, help='LMT steps before the bound check.')
+  p.add_argument('--blas_threads', type=int, default=1, help='Host BLAS threads; 0: default.')
+  p.add_argument('--seed', type=int, default=0)
+  p.add_argument('--smoke', action='store_true', help='Tiny models and repeats (seconds).')
+  p.add_argument(
+    '--out',
+    default=None,
+    help='JSON path (default benchmarks/results/lmt_bench_<platform>.json; "" for none).',
+  )
+  args = p.parse_args(argv)
+  names = [m.strip() for m in args.models.split(',') if m.strip()]
+  bad = [m for m in names if m not in ('mlp', 'cnn', 'wrn')]
+  if bad or not names:
+    p.error(f'--models must name some of mlp, cnn, wrn; got {args.models!r}')
+  args.models = names
+  for flag in ('batch_size', 'repeats', 'steps_per_repeat', 'check_steps'):
+    if getattr(args, flag) < 1:
+      p.error(f'--{flag} must be >= 1, got {getattr(args, flag)}')
+  if args.c <= 0:
+    p.error(f'--c must be positive, got {args.c}')
+  return args
+
+
+def model_specs(args: argparse.Namespace, platform_name: str) -> list[Spec]:
+  on_cpu = platform_name == 'cpu'
+
+  def pick(value, cpu_default, other):
+    return value if value > 0 else (cpu_default if on_cpu else other)
+
+  def variants(heavy: bool) -> tuple[str, ...]:
+    with_gloro = {'all': True, 'none': False}.get(args.gloro, not (heavy and on_cpu))
+    return ('plain', 'lmt', 'gloro') if with_gloro else ('plain', 'lmt')
+
+  b, r, k = args.batch_size, args.repeats, args.steps_per_repeat
+  if args.smoke:
+    table = {
+      'mlp': (models.MLP(hidden=(32,)), (8, 8, 1), 8, 2, 2, variants(False)),
+      'cnn': (models.CNN(channels=(4, 8), dense=16), (12, 12, 1), 8, 2, 2, variants(False)),
+      'wrn': (models.WideResNet(depth=10, width=1), (8, 8, 3), 4, 2, 1, ('plain', 'lmt')),
+    }
+  else:
+    wrn = (
+      models.WideResNet(),
+      (32, 32, 3),
+      pick(args.wrn_batch_size, 16, b),
+      pick(args.wrn_repeats, 3, r),
+      pick(args.wrn_steps_per_repeat, 1, k),
+      variants(True),
+    )
+    table = {
+      'mlp': (models.MLP(), (8, 8, 1), b, r, k, variants(False)),
+      'cnn': (models.CNN(), (28, 28, 1), b, r, k, variants(False)),
+      'wrn': wrn,
+    }
+  return [Spec(name, *table[name]) for name in args.models]
+
+
+def device_info() -> dict:
+  dev = jax.devices()[0]
+  info = {
+    'device_kind': dev.device_kind,
+    'platform': dev.platform,
+    'device_count': jax.device_count(),
+    'jax_version': jax.__version__,
+    'flax_version': flax.__version__,
+    'optax_version': optax.__version__,
+    'numpy_version': np.__version__,
+    'python': platform.python_version(),
+    'host_cpus': os.cpu_count(),
+  }
+  with contextlib.suppress(OSError):
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          info['host_cpu'] = line.split(':', 1)[1].strip()
+          break
+  return info
+
+
+def describe(info: dict) -> str:
+  host = f', host {info.get("host_cpu", "?")} x{info["host_cpus"]}'
+  return f'{info["device_kind"]} ({info["platform"]}), jax {info["jax_version"]}{host}'
+
+
+def blas_limit(threads: int):
+  """Context limiting host BLAS threads (a no-op when threads <= 0 or threadpoolctl is absent)."""
+  if threads <= 0:
+    return contextlib.nullcontext(), 'default'
+  try:
+    from threadpoolctl import threadpool_limits
+  except ImportError:
+    return contextlib.nullcontext(), 'default (threadpoolctl not installed)'
+  return threadpool_limits(limits=threads, user_api='blas'), threads
+
+
+def _timed(fn: Callable, *args):
+  t0 = time.perf_counter()
+  out = jax.block_until_ready(fn(*args))
+  return out, time.perf_counter() - t0
+
+
+def interleaved_times(fns: dict, init: dict, repeats: int, k: int, advance: bool) -> dict:
+  """Median-ready per-call times: {name: [seconds per call, one per repeat]}.
+
+  Each repeat runs every function `k` times (rotating which goes first) and blocks at the end.
+  With `advance`, a function's output replaces its first argument (a train step's state).
+  """
+  args = dict(init)
+  times = {name: [] for name in fns}
+  names = list(fns)
+  for r in range(repeats):
+    shift = r % len(names)
+    for name in names[shift:] + names[:shift]:
+      fn, a = fns[name], args[name]
+      t0 = time.perf_counter()
+      for _ in range(k):
+        out = fn(*a)
+        if advance:
+          a = (out[0], *a[1:])
+      jax.block_until_ready(out)
+      times[name].append((time.perf_counter() - t0) / k)
+      args[name] = a
+  return times
+
+
+def calls_per_repeat(fn: Callable, args: tuple, k: int, min_repeat_s: float) -> int:
+  """`k`, raised (up to 1000) so that k calls of a warm `fn` last at least `min_repeat_s`."""
+  if min_repeat_s <= 0:
+    return k
+  _, once = _timed(fn, *args)
+  return max(k, min(1000, math.ceil(min_repeat_s / max(once, 1e-9))))
+
+
+def _summary(times: list[float]) -> dict:
+  ms = [1e3 * t for t in times]
+  return {'median_ms': statistics.median(ms), 'min_ms': min(ms), 'times_ms': ms}
+
+
+def check_bounds(
+  model, variables, shape, cert: models.LipBounds | None = None
+) -> tuple[dict, bool]:
+  """Certificate >= converged (and >= the 1-step estimate), per network and per layer.
+
+  Returns (record, ok); ok is False when a sound upper bound sits below a lower bound by more
+  than the float32 rounding allowance FAIL_RTOL.
+
+  `cert`: the model's certificate-mode bounds when already computed.
+  """
+  with jax.default_matmul_precision('highest'):
+    if cert is None:
+      cert = lmt.certificate_bounds(model.apply, variables, shape)
+    conv = lmt.certificate_bounds(model.apply, variables, shape, mode='converged')
+    layers = lmt.layer_report(model.apply, variables, shape)
+  failures = []
+
+  def ratio(a, b):
+    return float(a / b) if b > 0 else (1.0 if a == 0 else float('inf'))
+
+  network = {}
+  for form in lmt.FORMS:
+    pc = np.asarray(lmt.pairwise_bounds(cert, form), np.float64)
+    pv = np.asarray(lmt.pairwise_bounds(conv, form), np.float64)
+    off = ~np.eye(pc.shape[0], dtype=bool)
+    if np.any(pc[off] < pv[off] * (1 - FAIL_RTOL)):
+      failures.append(f'network pairwise bound ({form}) below its converged value')
+    network[form] = {
+      'max_certificate_over_converged': float(np.max(pc[off] / np.maximum(pv[off], 1e-30))),
+      'min_certificate_over_converged': float(np.min(pc[off] / np.maximum(pv[off], 1e-30))),
+    }
+  below = ratio(float(cert.below), float(conv.below))
+  if float(cert.below) < float(conv.below) * (1 - FAIL_RTOL):
+    failures.append('network bound L_below (input -> head) below its converged value')
+  per_layer = {}
+  for name, v in layers.items():
+    r = ratio(v['certificate'], v['converged'])
+    per_layer[name] = {**v, 'certificate_over_converged': r}
+    lower = max(v['converged'], v['estimate'])  # both are Rayleigh quotients: <= the true norm
+    if v['certificate'] < lower * (1 - FAIL_RTOL):
+      failures.append(f'layer {name}: certificate {v["certificate"]} < power iteration {lower}')
+  ratios = [v['certificate_over_converged'] for v in per_layer.values()]
+  worst = max(per_layer, key=lambda n: per_layer[n]['certificate_over_converged'])
+  ok = not failures
+  record = {
+    'ok': ok,
+    'failures': failures,
+    'below_certificate': float(cert.below),
+    'below_converged': float(conv.below),
+    'below_certificate_over_converged': below,
+    'network': network,
+    'max_layer_ratio': max(ratios),
+    'min_layer_ratio': min(ratios),
+    'loosest_layer': worst,
+    'layers_over_warn': [
+      n for n, v in per_layer.items() if v['certificate_over_converged'] > WARN_RATIO
+    ],
+    'min_estimate_over_converged': min(
+      ratio(v['estimate'], v['converged']) for v in per_layer.values()
+    ),
+    'layers': per_layer,
+  }
+  return record, ok
+
+
+def _precision(fn: Callable, precision: str | None) -> Callable:
+  def call(*args):
+    with jax.default_matmul_precision(precision):
+      return fn(*args)
+
+  return call
+
+
+def run_model(spec: Spec, args: argparse.Namespace, on_cpu: bool) -> tuple[dict, bool]:
+  """Correctness check, train-step timings and certification timings of one model."""
+  model, shape, b = spec.model, spec.input_shape, spec.batch_size
+  t_model = time.perf_counter()
+  log = lambda msg: print(f'[{spec.name} {time.perf_counter() - t_model:6.1f}s] {msg}', flush=True)
+  kx, ky = jax.random.split(jax.random.key(args.seed))
+  batch = {
+    'image': jax.random.uniform(kx, (b, *shape), jnp.float32),
+    'label': jax.random.randint(ky, (b,), 0, 10, jnp.int32),
+  }
+  plain = train_lib.TrainConfig(batch_size=b, schedule='constant', c=0.0, seed=args.seed)
+  configs = {
+    'plain': plain,
+    'lmt': dataclasses.replace(plain, c=args.c, form='pairwise', variant='lmt'),
+    'gloro': dataclasses.replace(plain, c=args.c, form='pairwise', variant='gloro'),
+  }
+  state0, tx = train_lib.create_state(model, plain, shape)
+  steps = {v: train_lib.make_train_step(model, tx, configs[v]) for v in spec.variants}
+  record = {
+    'input_shape': list(shape),
+    'batch_size': b,
+    'params': int(sum(x.size for x in jax.tree.leaves(state0.params))),
+    'repeats': spec.repeats,
+    'model': repr(model),
+  }
+
+  # Warm-up: the first call compiles (its time is recorded, never used in a ratio).
+  states, compile_s = {}, {}
+  for v in spec.variants:
+    log(f'compiling the {v} train step (batch {b})')
+    (states[v], _), compile_s[v] = _timed(steps[v], state0, batch)
+
+  # Correctness, on the LMT state after a few steps (moved weights, iterates, BN statistics).
+  state = states['lmt']
+  for _ in range(args.check_steps):
+    state, metrics = steps['lmt'](state, batch)
+  if not np.isfinite(float(metrics['loss'])):
+    return {**record, 'correctness': {'ok': False, 'failures': ['LMT loss not finite']}}, False
+  variables = train_lib.variables_of(state)
+  log('certificate bounds (host float64)')
+  with jax.default_matmul_precision('highest'):
+    bounds, bounds_first_s = _timed(lmt.certificate_bounds, model.apply, variables, shape)
+    _, bounds_again_s = _timed(lmt.certificate_bounds, model.apply, variables, shape)
+  log('checking certificate >= converged (network and per layer)')
+  t0 = time.perf_counter()
+  record['correctness'], ok = check_bounds(model, variables, shape, bounds)
+  record['correctness']['check_s'] = time.perf_counter() - t0
+  if not ok:
+    return record, False
+
+  # Train-step timing, variants interleaved.
+  min_s = 0.0 if args.smoke else args.min_repeat_s
+  k = calls_per_repeat(steps['plain'], (states['plain'], batch), spec.steps_per_repeat, min_s)
+  record['steps_per_repeat'] = k
+  log(f'timing {", ".join(spec.variants)}: {spec.repeats} x {k} steps')
+  inits = {v: (states[v], batch) for v in spec.variants}
+  times = interleaved_times(steps, inits, spec.repeats, k, advance=True)
+  train = {v: {**_summary(times[v]), 'compile_and_first_step_s': compile_s[v]} for v in times}
+  for v in spec.variants[1:]:
+    train[v]['ratio_to_plain'] = train[v]['median_ms'] / train['plain']['median_ms']
+    train[v]['ratio_to_plain_paired_median'] = statistics.median(
+      a / p for a, p in zip(times[v], times['plain'], strict=True)
+    )
+    train[v]['ratio_to_plain_min'] = train[v]['min_ms'] / train['plain']['min_ms']
+  record['train_step'] = train
+
+  # Certification throughput versus plain inference, same batch.
+  pair_lip = lmt.pairwise_bounds(bounds, 'pairwise')
+
+  @jax.jit
+  def infer(variables, x):
+    logits, _ = model.apply(variables, x, train=False, mode='none')
+    return jnp.argmax(logits, -1)
+
+  @jax.jit
+  def certify(variables, x, pair_lip):
+    logits, _ = model.apply(variables, x, train=False, mode='none')
+    return lmt.certified_radius(logits, pair_lip)
+
+  fns = {'plain': _precision(infer, None), 'certify': _precision(certify, 'highest')}
+  inputs = {'plain': (variables, batch['image']), 'certify': (variables, batch['image'], pair_lip)}
+  if not on_cpu:  # on CPU, float32 is always computed at full precision
+    fns['plain_highest'] = _precision(infer, 'highest')
+    inputs['plain_highest'] = inputs['plain']
+  log('timing inference and certification')
+  for name, fn in fns.items():
+    _timed(fn, *inputs[name])
+  eval_repeats = max(spec.repeats, 3)
+  eval_k = calls_per_repeat(fns['plain'], inputs['plain'], 2 * spec.steps_per_repeat, min_s)
+  times = interleaved_times(fns, inputs, eval_repeats, eval_k, advance=False)
+  cert = {name: _summary(t) for name, t in times.items()}
+  cert['repeats'], cert['calls_per_repeat'] = eval_repeats, eval_k
+  for name in fns:
+    cert[name]['images_per_s'] = b / (cert[name]['median_ms'] / 1e3)
+  cert['bounds_first_s'] = bounds_first_s
+  cert['bounds_again_s'] = bounds_again_s
+  cert['certify_over_plain_time'] = cert['certify']['median_ms'] / cert['plain']['median_ms']
+  if 'plain_highest' in cert:
+    cert['certify_over_plain_highest_time'] = (
+      cert['certify']['median_ms'] / cert['plain_highest']['median_ms']
+    )
+  test_set = {
+    'images': TEST_SET,
+    'plain_s': TEST_SET / cert['plain']['images_per_s'],
+    'certify_s': bounds_first_s + TEST_SET / cert['certify']['images_per_s'],
+  }
+  test_set['ratio'] = test_set['certify_s'] / test_set['plain_s']
+  cert['test_set_estimate'] = test_set
+  record['certification'] = cert
+  log('done')
+  return record, True
+
+
+def format_table(headers: list[str], rows: list[list]) -> str:
+  cells = [[h for h in headers]] + [[_fmt(c) for c in row] for row in rows]
+  widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+  lines = [
+    '  '.join(
+      c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
+    )
+    for r in cells
+  ]
+  lines.insert(1, '  '.join('-' * w for w in widths))
+  return '\n'.join(lines)
+
+
+def _fmt(x) -> str:
+  if isinstance(x, float):
+    if x == 0 or 0.01 <= abs(x) < 1e5:
+      return f'{x:.3f}' if abs(x) < 10 else f'{x:.1f}'
+    return f'{x:.3g}'
+  return str(x)
+
+
+def correctness_table(results: dict) -> str:
+  rows = []
+  for name, r in results.items():
+    c = r['correctness']
+    if 'layers' not in c:
+      rows.append([name] + ['-'] * 7 + ['FAIL'])
+      continue
+    status = 'ok' if c['ok'] else 'FAIL'
+    if c['ok'] and c['layers_over_warn']:
+      status = 'WARNING'
+    rows.append(
+      [
+        name,
+        len(c['layers']),
+        c['max_layer_ratio'],
+        c['loosest_layer'],
+        c['min_layer_ratio'],
+        c['below_certificate_over_converged'],
+        c['network']['pairwise']['max_certificate_over_converged'],
+        c['min_estimate_over_converged'],
+        status,
+      ]
+    )
+  headers = [
+    'model',
+    'layers',
+    'max cert/conv',
+    'at layer',
+    'min cert/conv',
+    'net below cert/conv',
+    'net pairwise cert/conv',
+    'min est/conv',
+    'status',
+  ]
+  return format_table(headers, rows)
+
+
+def train_table(results: dict) -> str:
+  rows = []
+  for name, r in results.items():
+    t = r['train_step']
+    gloro = t.get('gloro')
+    rows.append(
+      [
+        name,
+        'x'.join(map(str, r['input_shape'])),
+        r['batch_size'],
+        f'{r["repeats"]}x{r["steps_per_repeat"]}',
+        t['plain']['median_ms'],
+        t['lmt']['median_ms'],
+        t['lmt']['ratio_to_plain'],
+        t['lmt']['ratio_to_plain_paired_median'],
+        gloro['median_ms'] if gloro else '-',
+        gloro['ratio_to_plain'] if gloro else '-',
+      ]
+    )
+  headers = [
+    'model',
+    'input',
+    'batch',
+    'reps',
+    'plain ms/step',
+    'LMT ms/step',
+    'LMT/plain',
+    '(paired)',
+    'GloRo ms/step',
+    'GloRo/plain',
+  ]
+  return format_table(headers, rows)
+
+
+def certification_table(results: dict) -> str:
+  rows = []
+  for name, r in results.items():
+    c = r['certification']
+    rows.append(
+      [
+        name,
+        r['batch_size'],
+        c['bounds_first_s'],
+        c['bounds_again_s'],
+        c['plain']['images_per_s'],
+        c['certify']['images_per_s'],
+        c['certify_over_plain_time'],
+        c['test_set_estimate']['certify_s'],
+        c['test_set_estimate']['ratio'],
+      ]
+    )
+  headers = [
+    'model',
+    'batch',
+    'bounds s (1st)',
+    'bounds s (2nd)',
+    'plain img/s',
+    'certify img/s',
+    'certify/plain time',
+    f'{TEST_SET // 1000}k certify s',
+    f'{TEST_SET // 1000}k certify/plain',
+  ]
+  return format_table(headers, rows)
+
+
+def main(argv=None) -> dict:
+  args = parse_args(argv)
+  info = device_info()
+  specs = model_specs(args, info['platform'])
+  ctx, threads = blas_limit(args.blas_threads)
+  print(f'lmt_bench on {describe(info)}; host BLAS threads: {threads}', flush=True)
+  results = {}
+  t_start = time.perf_counter()
+  with ctx:
+    for spec in specs:
+      record, ok = run_model(spec, args, info['platform'] == 'cpu')
+      results[spec.name] = record
+      if not ok:
+        print('\nCorrectness check FAILED; no timings are reported.')
+        print(correctness_table(results))
+        for f in record['correctness']['failures']:
+          print(f'  {spec.name}: {f}')
+        raise SystemExit(1)
+  print(f'\nDevice: {describe(info)}')
+  print(f'\nCorrectness after {args.check_steps + 1} LMT steps: cert = sound certificate (upper')
+  print(f'bound), conv = {models.CONVERGED_ITERS} power-iteration steps (lower bound), est = the')
+  print(f'1-step training estimate; fails if cert < conv * (1 - {FAIL_RTOL:g}) anywhere.')
+  print(correctness_table(results))
+  for name, r in results.items():
+    c = r['correctness']
+    if c['layers_over_warn']:
+      print(
+        f'WARNING: {name}: certificate/converged > {WARN_RATIO} at {len(c["layers_over_warn"])} '
+        f'layer(s): {", ".join(c["layers_over_warn"])} (max {c["max_layer_ratio"]:.4f})'
+      )
+  print('\nTrain step: LMT (pairwise, 1 power-iteration step/layer) and GloRo vs plain CE')
+  print('(median over repeats of the mean step time; (paired): median of per-repeat ratios;')
+  print('ratios are the numbers to quote, absolute times only with the device line)')
+  print(train_table(results))
+  print('\nCertification (eval logits + certified_radius, pairwise form, highest precision) vs')
+  print('plain inference (eval logits + argmax), same batch; bounds = lmt.certificate_bounds')
+  print(f'(host float64); {TEST_SET // 1000}k = bounds once + {TEST_SET} images at that rate')
+  print(certification_table(results))
+  out = {
+    'benchmark': 'lmt_bench',
+    'device': info,
+    'device_description': describe(info),
+    'settings': {
+      **{k: v for k, v in vars(args).items() if k != 'out'},
+      'blas_threads_applied': threads,
+      'fail_rtol': FAIL_RTOL,
+      'warn_ratio': WARN_RATIO,
+    },
+    'total_s': time.perf_counter() - t_start,
+    'ok': True,
+    'models': results,
+  }
+  path = args.out
+  if path is None:
+    path = os.path.join(_ROOT, 'benchmarks', 'results', f'lmt_bench_{info["platform"]}.json')
+  if path:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+      json.dump(out, f, indent=2)
+    os.replace(tmp, path)
+    print(f'\nwrote {os.path.normpath(path)}')
+  return out
+
+
+if __name__ == '__main__':
+  main()
