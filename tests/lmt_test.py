@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from fake_variables import random_variables
 
 from tsuzuku_jax import lmt, models
 
@@ -175,33 +176,15 @@ CONFIGS = {
 }
 
 
-def _fill(shapes, rng):
-  """Random variables for `init`'s shapes (numpy RNG: compiling jax.random per layer is slow)."""
-
-  def leaf(path, x):
-    collection, name = path[0].key, path[-1].key
-    if collection == 'lipschitz':
-      u = rng.standard_normal(x.shape)
-      return (u / np.linalg.norm(u)).astype(np.float32)
-    if name == 'kernel':
-      return rng.normal(0.0, 1 / np.sqrt(np.prod(x.shape[:-1])), x.shape).astype(np.float32)
-    if name in ('bias', 'mean'):
-      return rng.normal(0.0, 0.3, x.shape).astype(np.float32)
-    if name in ('var', 'scale'):
-      return rng.uniform(0.5, 2.0, x.shape).astype(np.float32)
-    raise AssertionError(f'unexpected variable {jax.tree_util.keystr(path)}')
-
-  shapes = {k: v for k, v in shapes.items() if k != 'lip_report'}
-  return jax.tree_util.tree_map_with_path(leaf, shapes)
-
-
 @functools.cache
 def _model(name):
   """(model, variables, logits_fn, certificate bounds); the same logits_fn object every time
   (it is a static argument of the jitted attack)."""
   model = models.get_model(name, K, **CONFIGS[name])
   x = jax.ShapeDtypeStruct((2, 8, 8, 1), jnp.float32)
-  variables = _fill(jax.eval_shape(model.init, jax.random.key(0), x), np.random.default_rng(7))
+  variables = random_variables(
+    jax.eval_shape(model.init, jax.random.key(0), x), np.random.default_rng(7)
+  )
 
   def logits_fn(images):
     return model.apply(variables, images, mode='none')[0]

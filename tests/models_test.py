@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from fake_variables import random_variables
 
 from tsuzuku_jax import models
 
@@ -30,31 +31,6 @@ def _strip_report(variables):
   return {k: v for k, v in variables.items() if k != 'lip_report'}
 
 
-def _fill(shapes, rng):
-  """Random variables for the shapes of `init` (numpy RNG: no per-shape compilation).
-
-  Kernels ~ N(0, 1/fan_in); BN scales, running means and variances random so that batch norm is
-  far from the identity and the fused conv + BN bounds are exercised; unit power iterates.
-  """
-
-  def leaf(path, x):
-    collection, name = path[0].key, path[-1].key
-    if collection == 'lipschitz':
-      u = rng.standard_normal(x.shape)
-      return (u / np.linalg.norm(u)).astype(np.float32)
-    if name == 'kernel':
-      return rng.normal(0.0, 1 / np.sqrt(np.prod(x.shape[:-1])), x.shape).astype(np.float32)
-    if name in ('bias', 'mean'):
-      return rng.normal(0.0, 0.3, x.shape).astype(np.float32)
-    if name == 'var':
-      return rng.uniform(0.3, 3.0, x.shape).astype(np.float32)
-    if name == 'scale':
-      return rng.uniform(0.5, 2.0, x.shape).astype(np.float32)
-    raise AssertionError(f'unexpected variable {jax.tree_util.keystr(path)}')
-
-  return jax.tree_util.tree_map_with_path(leaf, _strip_report(shapes))
-
-
 @functools.cache
 def _setup(name):
   """(model, variables, input shape); `init` is traced (eval_shape), values come from numpy."""
@@ -62,7 +38,7 @@ def _setup(name):
   model = models.get_model(name, K, **kwargs)
   x = jax.ShapeDtypeStruct((2, *shape), jnp.float32)
   shapes = jax.eval_shape(model.init, jax.random.key(0), x)
-  return model, _fill(shapes, np.random.default_rng(1)), shape
+  return model, random_variables(shapes, np.random.default_rng(1)), shape
 
 
 def _report(collection):
@@ -306,7 +282,7 @@ def test_wide_block_adds_branch_and_shortcut_bounds(features, strides):
   x = rng.uniform(0, 1, (2, 6, 6, 4)).astype(np.float32)
   lip = np.float32(0.7)
   shapes = jax.eval_shape(lambda k: block.init(k, x, lip, mode='none'), jax.random.key(1))
-  variables = _fill(shapes, rng)
+  variables = random_variables(shapes, rng)
 
   @jax.jit
   def run(variables, x, y):

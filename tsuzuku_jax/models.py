@@ -253,9 +253,14 @@ class LipHead(nn.Module):
     return logits, LipBounds(jnp.asarray(lip, jnp.float32), norm, pairwise)
 
 
-def _check_input(x: jax.Array) -> None:
+def _stem(x: jax.Array, mean, std) -> tuple[jax.Array, jax.Array]:
+  """Checks the input and starts the bound at 1 (after the optional normalisation)."""
   if x.ndim != 4:
     raise ValueError(f'models take NHWC images in [0, 1]; got an array of shape {x.shape}')
+  lip = jnp.ones((), jnp.float32)
+  if mean is not None:
+    return Normalize(mean, std)(x, lip)
+  return x, lip
 
 
 class MLP(nn.Module):
@@ -268,10 +273,7 @@ class MLP(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, train: bool = False, mode: str = 'estimate'):
-    _check_input(x)
-    lip = jnp.ones((), jnp.float32)
-    if self.mean is not None:
-      x, lip = Normalize(self.mean, self.std)(x, lip)
+    x, lip = _stem(x, self.mean, self.std)
     x = x.reshape(x.shape[0], -1)
     for i, h in enumerate(self.hidden):
       x, lip = LipDense(h, name=f'dense{i}')(x, lip, train=train, mode=mode)
@@ -291,10 +293,7 @@ class CNN(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, train: bool = False, mode: str = 'estimate'):
-    _check_input(x)
-    lip = jnp.ones((), jnp.float32)
-    if self.mean is not None:
-      x, lip = Normalize(self.mean, self.std)(x, lip)
+    x, lip = _stem(x, self.mean, self.std)
     for i, c in enumerate(self.channels):
       conv = LipConv(c, batch_norm=self.batch_norm, use_bias=not self.batch_norm, name=f'conv{i}')
       x, lip = conv(x, lip, train=train, mode=mode)
@@ -345,13 +344,10 @@ class WideResNet(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, train: bool = False, mode: str = 'estimate'):
-    _check_input(x)
     if (self.depth - 4) % 6:
       raise ValueError(f'WideResNet depth must be 6n + 4, got {self.depth}')
     n = (self.depth - 4) // 6
-    lip = jnp.ones((), jnp.float32)
-    if self.mean is not None:
-      x, lip = Normalize(self.mean, self.std)(x, lip)
+    x, lip = _stem(x, self.mean, self.std)
     kw = dict(train=train, mode=mode)
     x, lip = LipConv(16, use_bias=False, name='stem')(x, lip, **kw)
     for g, c in enumerate((16 * self.width, 32 * self.width, 64 * self.width)):
