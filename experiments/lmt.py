@@ -138,10 +138,15 @@ def main(argv):
   for name, config in configs.items():
     print(f'== training {name} ({config.steps} steps) on {_DATASET.value}', flush=True)
     t0 = time.time()
-    state = train_lib.train(model, config, xtr, ytr, os.path.join(_WORKDIR.value, name), mesh=mesh)
+    try:
+      state = train_lib.train(
+        model, config, xtr, ytr, os.path.join(_WORKDIR.value, name), mesh=mesh
+      )
+    except train_lib.TrainingDiverged as e:
+      sys.exit(f'error: {name} run diverged: {e}')
     train_seconds = time.time() - t0
-    variables = train_lib.variables_of(jax.device_get(state))
     state = jax.device_get(state)
+    variables = train_lib.variables_of(state)
     with jax.default_matmul_precision('highest'):
       bounds = lmt.certificate_bounds(model.apply, variables, xtr.shape[1:])
       report = lmt.robustness_report(

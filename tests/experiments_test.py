@@ -85,3 +85,18 @@ def test_end_to_end_digits_then_resume(tmp_path):
   assert json.load(open(os.path.join(workdir, 'results.json')))['lmt'] == results['lmt'] | {
     'train_seconds': json.load(open(os.path.join(workdir, 'results.json')))['lmt']['train_seconds']
   }
+
+
+def test_diverging_run_stops_with_one_line(tmp_path):
+  proc = _run(
+    f'--flagfile={FLAGFILE}',
+    f'--workdir={tmp_path}',
+    *TINY,
+    '--learning_rate=1e30',
+    '--nobaseline',
+    check=False,
+  )
+  assert proc.returncode != 0
+  assert 'diverged' in proc.stderr and 'last good checkpoint' in proc.stderr
+  assert 'Traceback' not in proc.stderr
+  assert not os.path.exists(tmp_path / 'results.json')
