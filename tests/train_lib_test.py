@@ -107,3 +107,12 @@ def test_config_rejects_bad_values():
     train_lib.TrainConfig(batch_size=0)
   with pytest.raises(ValueError, match='form'):
     train_lib.TrainConfig(form='spectral')
+
+
+def test_checkpoint_of_another_model_is_refused_and_kept(tmp_path, digits):
+  x, y = digits
+  config = _config(steps=5, checkpoint_every=5)
+  train_lib.train(models.MLP(hidden=(16,)), config, x, y, str(tmp_path), log=lambda s: None)
+  with pytest.raises(ValueError, match='does not match this model.*new --workdir'):
+    train_lib.train(models.MLP(hidden=(32,)), config, x, y, str(tmp_path), log=lambda s: None)
+  assert os.listdir(tmp_path / 'checkpoints') == ['5']

@@ -197,7 +197,14 @@ def restore_latest(workdir: str, state: TrainState, config: TrainConfig) -> Trai
   if step is None:
     return state
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state._asdict())
-  restored = mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+  try:
+    restored = mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+  except (ValueError, KeyError, TypeError) as e:
+    # Left untouched on disk: use another workdir for a different model or optimiser.
+    raise ValueError(
+      f'the checkpoint at step {step} in {workdir}/checkpoints does not match this model and '
+      f'optimiser ({type(e).__name__}: {str(e)[:300]}); use a new --workdir'
+    ) from e
   return TrainState(**restored)
 
 
