@@ -109,8 +109,6 @@ def test_config_rejects_bad_values():
     train_lib.TrainConfig(form='spectral')
 
 
-# orbax's asynchronous reader leaves an un-awaited coroutine behind when a restore fails.
-@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
 def test_checkpoint_of_another_model_is_refused_and_kept(tmp_path, digits):
   x, y = digits
   config = _config(steps=5, checkpoint_every=5)

@@ -184,7 +184,9 @@ def _manager(workdir: str, config: TrainConfig):
 
   options = ocp.CheckpointManagerOptions(max_to_keep=config.max_checkpoints, create=True)
   return ocp.CheckpointManager(
-    os.path.join(os.path.abspath(workdir), 'checkpoints'), options=options
+    os.path.join(os.path.abspath(workdir), 'checkpoints'),
+    options=options,
+    item_handlers=ocp.StandardCheckpointHandler(),
   )
 
 
@@ -197,6 +199,15 @@ def restore_latest(workdir: str, state: TrainState, config: TrainConfig) -> Trai
   if step is None:
     return state
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state._asdict())
+  # Compare the stored shapes first: a failed orbax restore leaves its async reads dangling.
+  stored = sorted(str(tuple(m.shape)) for m in jax.tree.leaves(mngr.item_metadata(step)))
+  wanted = sorted(str(tuple(a.shape)) for a in jax.tree.leaves(abstract))
+  if stored != wanted:
+    raise ValueError(
+      f'the checkpoint at step {step} in {workdir}/checkpoints does not match this model and '
+      f'optimiser ({len(stored)} stored arrays vs {len(wanted)} expected, or different '
+      'shapes); use a new --workdir'
+    )
   try:
     restored = mngr.restore(step, args=ocp.args.StandardRestore(abstract))
   except (ValueError, KeyError, TypeError) as e:
