@@ -168,16 +168,6 @@ def logits_fn(model, state: TrainState) -> Callable[[jax.Array], jax.Array]:
   return lambda x: model.apply(variables, x, train=False, mode='none')[0]
 
 
-def evaluate(model, state, images, labels, batch_size: int = 500) -> float:
-  """Clean test accuracy."""
-  fn = jax.jit(logits_fn(model, state))
-  preds = [
-    np.asarray(jnp.argmax(fn(b['image']), -1))
-    for b in data.eval_batches(images, labels, batch_size)
-  ]
-  return float(np.mean(np.concatenate(preds) == labels))
-
-
 def _manager(workdir: str, config: TrainConfig):
   # orbax is imported here so the rest of the module (train steps, benchmarks) works without it.
   import orbax.checkpoint as ocp
