@@ -108,13 +108,11 @@ def quantize_magnitude(mag: jax.Array, scale: jax.Array) -> tuple[jax.Array, jax
     `(e, in_range)`: int32 exponents and whether `mag >= scale * 2^-7` (representable without
     overshoot). Out-of-range entries get e = 7 but must not be sent.
   """
-  safe = jnp.where(mag > 0, mag, 1.0)
-  scale = jnp.where(scale > 0, scale, 1.0)  # scale 0 means nothing passed: no entry is sent.
-  e = jnp.ceil(jnp.log2(scale) - jnp.log2(safe))
-  # log2 rounding can leave scale * 2^-e a hair above |r|: step down once if so.
-  e = e + (jnp.ldexp(scale, -e.astype(jnp.int32)) > mag)
+  # Exact and deterministic (no log2): e = number of levels scale * 2^-k, k = 0..7, above |r|.
+  scale = jnp.asarray(scale, jnp.float32)
+  e = sum((jnp.ldexp(scale, -k) > mag).astype(jnp.int32) for k in range(MAX_EXPONENT + 1))
   in_range = (mag > 0) & (e <= MAX_EXPONENT)
-  return jnp.clip(e, 0, MAX_EXPONENT).astype(jnp.int32), in_range
+  return jnp.minimum(e, MAX_EXPONENT), in_range
 
 
 def decode_values(words: jax.Array, scale: jax.Array) -> jax.Array:

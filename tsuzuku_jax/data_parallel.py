@@ -28,7 +28,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from tsuzuku_jax import collectives, compression, variance
+from tsuzuku_jax import collectives, compression, data, variance
 
 AXIS = 'data'
 
@@ -193,7 +193,7 @@ def make_train_step(loss_fn: Callable, config: DPConfig, tx, mesh=None) -> Calla
 
   else:
     if mesh is None:
-      mesh = jax.make_mesh((jax.device_count(),), (AXIS,))
+      mesh = data.data_mesh()
     collectives.check_axis(mesh, AXIS)
     if mesh.shape[AXIS] != n:
       raise ValueError(
@@ -229,7 +229,7 @@ def place(state: DPState, config: DPConfig, mesh=None) -> DPState:
   if config.simulate:
     return jax.device_put(state)
   if mesh is None:
-    mesh = jax.make_mesh((jax.device_count(),), (AXIS,))
+    mesh = data.data_mesh()
   rep, split = NamedSharding(mesh, P()), NamedSharding(mesh, P(AXIS))
   return DPState(
     jax.device_put(state.step, rep),
@@ -276,7 +276,6 @@ def train(
     per-evaluation 'eval_step', 'test_accuracy', 'train_loss', cumulative 'ratio_static',
     'ratio_ideal' (bytes) and 'ratio_elements', and the totals.
   """
-  from tsuzuku_jax import data
 
   images, labels = train_data
   state, tx = init_state(config, params)
@@ -294,7 +293,7 @@ def train(
       images, labels, config.batch_size, seed=config.seed, epoch=epoch
     ):
       if not config.simulate:
-        batch = data.shard_batch(batch, mesh or jax.make_mesh((jax.device_count(),), (AXIS,)))
+        batch = data.shard_batch(batch, mesh or data.data_mesh())
       state, metrics = step_fn(state, batch)
       window.append(metrics)
       step += 1
