@@ -325,3 +325,38 @@ def train(
         break
   hist['totals'] = totals
   return state.params, hist
+
+
+def _median_seconds(fn: Callable, *args, repeats: int) -> float:
+  jax.block_until_ready(fn(*args))  # compile
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return float(np.median(times))
+
+
+def measure_worker_times(loss_fn: Callable, params, batch: dict, config: DPConfig, repeats=5):
+  """One worker's median times (seconds) on `batch` (its local batch), for the cost model.
+
+  Returns:
+    {'t_compute': forward + backward, 't_variance': the variance estimator's time minus
+    t_compute (0 for methods without it), 't_compress': `compressor.update`}.
+  """
+  comp = config.compressor()
+  grad_fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
+  t_compute = _median_seconds(grad_fn, params, batch, repeats=repeats)
+  grads = grad_fn(params, batch)[1]
+  s = jax.tree.map(jnp.square, grads)
+  t_variance = 0.0
+  if comp.needs_variance:
+    est = variance.estimator(config.estimator, config.microbatches)
+    est_fn = jax.jit(lambda p, b: est(loss_fn, p, b))
+    t_variance = max(_median_seconds(est_fn, params, batch, repeats=repeats) - t_compute, 0.0)
+  update = jax.jit(comp.update)
+  state = comp.init(params)
+  t_compress = _median_seconds(
+    update, grads, state, s if comp.needs_variance else None, repeats=repeats
+  )
+  return {'t_compute': t_compute, 't_variance': t_variance, 't_compress': t_compress}

@@ -49,3 +49,39 @@ def plot_certified_accuracy(
     fig.savefig(path, dpi=120)
     plt.close(fig)
   return fig
+
+
+def plot_accuracy_vs_compression(
+  curves: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+  points: Mapping[str, tuple[Sequence[float], Sequence[float]]] | None = None,
+  path: str | None = None,
+  *,
+  title: str = '',
+):
+  """Test accuracy against the cumulative byte compression ratio (log x), one line per method.
+
+  Args:
+    curves: label -> (cumulative ratio, test accuracy) over training (one run).
+    points: label -> (final ratio, final accuracy) of every seed, drawn as markers.
+    path: PNG path to write (None: only return the figure).
+    title: figure title.
+  """
+  fig, ax = plt.subplots(figsize=(5.5, 3.8))
+  for i, (label, (ratio, acc)) in enumerate(curves.items()):
+    color = f'C{i}'
+    ax.plot(ratio, 100 * np.asarray(acc), '-', color=color, alpha=0.6, label=label)
+    if points and label in points:
+      r, a = points[label]
+      ax.plot(r, 100 * np.asarray(a), 'o', color=color, ms=5)
+  ax.set_xscale('log')
+  ax.set_xlabel('cumulative compression ratio (bytes, dense / sent)')
+  ax.set_ylabel('test accuracy (%)')
+  ax.grid(alpha=0.3, which='both')
+  ax.legend(fontsize=8)
+  if title:
+    ax.set_title(title)
+  fig.tight_layout()
+  if path:
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+  return fig

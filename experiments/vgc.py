@@ -1,0 +1,232 @@
+r"""Data-parallel training with compressed gradient exchange (VGC and baselines), from flags.
+
+  python experiments/vgc.py --flagfile=experiments/configs/vgc_digits.flags --workdir=runs/vgc
+
+Trains one model per (method, seed) on all devices of the mesh (one worker per device), or on
+--workers simulated workers on one device (--simulate), and writes WORKDIR/<method>/seed<k>.json
+(skipped when it exists: an interrupted sweep resumes where it stopped), WORKDIR/results.json
+(accuracy, cumulative compression ratios, density, overflow, modelled speedups per method), and
+WORKDIR/accuracy_vs_compression.png.
+"""
+
+import json
+import os
+import sys
+
+import numpy as np
+from absl import app, flags
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
+
+from tsuzuku_jax import collectives, compression, data, models, plotting  # noqa: E402
+from tsuzuku_jax import data_parallel as dp  # noqa: E402
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Output directory.')
+_DATASET = flags.DEFINE_string('dataset', 'digits', 'digits | mnist | cifar10 | npz:PATH.')
+_MODEL = flags.DEFINE_enum('model', 'mlp', ['mlp', 'cnn'], 'Architecture (no batch norm).')
+_HIDDEN = flags.DEFINE_list('hidden', ['256'], 'MLP hidden widths.')
+_CHANNELS = flags.DEFINE_list('channels', ['32', '64'], 'CNN channels per stage.')
+_DENSE = flags.DEFINE_integer('dense', 128, 'CNN dense width.')
+_METHODS = flags.DEFINE_list('methods', ['dense', 'vgc'], f'Any of {compression.METHODS}.')
+_SEEDS = flags.DEFINE_list('seeds', ['0'], 'Seeds (model init and data order).')
+_ALPHA = flags.DEFINE_float('alpha', 2.0, 'vgc/hybrid: send when r^2 > alpha v.')
+_ZETA = flags.DEFINE_float('zeta', 0.999, 'vgc/hybrid: decay of v for unsent elements.')
+_TAU = flags.DEFINE_float('tau', 0.01, 'strom/hybrid: threshold on |r|.')
+_DENSITY = flags.DEFINE_float('density', 0.001, 'topk: fraction sent per tensor.')
+_CAPACITY = flags.DEFINE_float('capacity', 0.05, 'vgc/strom/hybrid: slots per tensor (fraction).')
+_QUANTIZE = flags.DEFINE_enum('quantize', 'default', ['default', 'true', 'false'], '4-bit codes.')
+_ESTIMATOR = flags.DEFINE_enum('estimator', 'cheap', ['cheap', 'microbatch', 'per_example'], '')
+_MICRO = flags.DEFINE_integer('microbatches', 4, 'Micro-batches of the microbatch estimator.')
+_WORKERS = flags.DEFINE_integer('workers', 0, 'Workers (0: one per device).')
+_SIMULATE = flags.DEFINE_bool('simulate', False, 'Run the workers as a vmap on one device.')
+_DISTRIBUTED = flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize().')
+_STEPS = flags.DEFINE_integer('steps', 2000, 'Training steps.')
+_BATCH = flags.DEFINE_integer('batch_size', 128, 'Global batch size.')
+_LR = flags.DEFINE_float('learning_rate', 0.05, 'Peak learning rate (SGD).')
+_SCHEDULE = flags.DEFINE_enum('schedule', 'cosine', ['cosine', 'constant'], 'LR schedule.')
+_MOMENTUM = flags.DEFINE_float('momentum', 0.9, 'Heavy-ball momentum.')
+_MOMENTUM_ON = flags.DEFINE_enum('momentum_on', 'update', ['update', 'worker'], 'Where.')
+_WD = flags.DEFINE_float('weight_decay', 0.0, 'Weight decay.')
+_WD_ON = flags.DEFINE_enum('weight_decay_on', 'update', ['update', 'gradient'], 'Where.')
+_EVAL_EVERY = flags.DEFINE_integer('eval_every', 100, 'Steps between test evaluations.')
+_REF_PARAMS = flags.DEFINE_float(
+  'reference_params', 25e6, 'Model size of the speedup extrapolation.'
+)
+_REF_T = flags.DEFINE_float('reference_t_compute_ms', 85.0, 'ASSUMED step compute time there.')
+
+
+def _validate() -> list[int]:
+  if not _WORKDIR.value:
+    raise app.UsageError('--workdir is required')
+  try:
+    data.validate_name(_DATASET.value)
+  except (ValueError, FileNotFoundError) as e:
+    raise app.UsageError(f'--dataset: {e}') from None
+  for m in _METHODS.value:
+    if m not in compression.METHODS:
+      raise app.UsageError(f'--methods: unknown method {m!r}; choose from {compression.METHODS}')
+  for name, flag in (('hidden', _HIDDEN), ('channels', _CHANNELS), ('seeds', _SEEDS)):
+    if not flag.value or not all(v.isdigit() for v in flag.value):
+      raise app.UsageError(f'--{name} must be non-negative integers, got {flag.value}')
+  try:
+    _config('vgc', 0, max(_WORKERS.value, 1))
+    for m in _METHODS.value:
+      _config(m, 0, max(_WORKERS.value, 1))
+  except ValueError as e:
+    raise app.UsageError(f'bad parameter: {e}') from None
+  if _WORKERS.value < 0:
+    raise app.UsageError(f'--workers must be >= 0, got {_WORKERS.value}')
+  return [int(s) for s in _SEEDS.value]
+
+
+def _config(method: str, seed: int, workers: int) -> dp.DPConfig:
+  quantize = {'default': None, 'true': True, 'false': False}[_QUANTIZE.value]
+  return dp.DPConfig(
+    method=method,
+    alpha=_ALPHA.value,
+    zeta=_ZETA.value,
+    tau=_TAU.value,
+    density=_DENSITY.value,
+    capacity=_CAPACITY.value,
+    quantize=quantize,
+    estimator=_ESTIMATOR.value,
+    microbatches=_MICRO.value,
+    workers=workers,
+    simulate=_SIMULATE.value,
+    steps=_STEPS.value,
+    batch_size=_BATCH.value,
+    learning_rate=_LR.value,
+    schedule=_SCHEDULE.value,
+    momentum=_MOMENTUM.value,
+    momentum_on=_MOMENTUM_ON.value,
+    weight_decay=_WD.value,
+    weight_decay_on=_WD_ON.value,
+    seed=seed,
+    eval_every=_EVAL_EVERY.value,
+  )
+
+
+def _model(num_classes):
+  if _MODEL.value == 'mlp':
+    return models.MLP(num_classes, hidden=tuple(int(h) for h in _HIDDEN.value))
+  ch = tuple(int(c) for c in _CHANNELS.value)
+  return models.CNN(num_classes, ch, _DENSE.value, batch_norm=False)
+
+
+def _write_json(path, obj):
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=1, default=float)
+  os.replace(tmp, path)  # atomic: never half-written
+
+
+def main(argv):
+  del argv
+  seeds = _validate()
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  if _DISTRIBUTED.value:
+    jax.distributed.initialize()
+  workers = _WORKERS.value or jax.device_count()
+  if not _SIMULATE.value and workers != jax.device_count():
+    raise app.UsageError(
+      f'--workers={workers} but there are {jax.device_count()} devices: use --simulate'
+    )
+  train, test = (data.load(_DATASET.value, s) for s in ('train', 'test'))
+  model = _model(data.num_classes(train[1]))
+  apply_fn = lambda p, x: model.apply({'params': p}, x, mode='none')[0]
+
+  def loss_fn(p, b):
+    logits = apply_fn(p, b['image'])
+    loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, b['label']))
+    return loss, jnp.mean(jnp.argmax(logits, -1) == b['label'])
+
+  holders = [v for v in globals().values() if isinstance(v, flags.FlagHolder)]
+  results = {'flags': {h.name: h.value for h in holders}, 'workers': workers, 'methods': {}}
+  results['device'] = jax.devices()[0].device_kind
+  curves, points = {}, {}
+  for method in _METHODS.value:
+    runs = []
+    for seed in seeds:
+      path = os.path.join(_WORKDIR.value, method, f'seed{seed}.json')
+      config = _config(method, seed, workers)
+      if os.path.exists(path):
+        with open(path) as f:
+          run = json.load(f)
+        print(f'{method} seed {seed}: done before ({path})', flush=True)
+      else:
+        params = model.init(jax.random.key(seed), train[0][:1], mode='none')['params']
+        try:
+          _, hist = dp.train(loss_fn, apply_fn, params, config, train, test)
+        except FloatingPointError as e:
+          sys.exit(f'error: {e}')
+        local = {'image': train[0][: config.batch_size // workers]}
+        local['label'] = train[1][: config.batch_size // workers]
+        times = dp.measure_worker_times(loss_fn, params, local, config)
+        run = {'config': config.__dict__, 'history': hist, 'times': times}
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        _write_json(path, run)
+      runs.append(run)
+    results['methods'][method] = _summarise(runs, workers)
+    h = runs[0]['history']
+    curves[method] = (h['ratio_ideal'], h['test_accuracy'])
+    points[method] = ([r['history']['ratio_ideal'][-1] for r in runs],)
+    points[method] += ([r['history']['test_accuracy'][-1] for r in runs],)
+    s = results['methods'][method]
+    print(
+      f'== {method}: test acc {s["accuracy_mean"]:.4f} +- {s["accuracy_std"]:.4f} '
+      f'bytes ratio {s["ratio_ideal"]:.1f}x (static {s["ratio_static"]:.1f}x) '
+      f'elements {s["ratio_elements"]:.1f}x overflow {s["overflow_total"]:.0f}',
+      flush=True,
+    )
+  plotting.plot_accuracy_vs_compression(
+    curves,
+    points,
+    os.path.join(_WORKDIR.value, 'accuracy_vs_compression.png'),
+    title=_DATASET.value,
+  )
+  _write_json(os.path.join(_WORKDIR.value, 'results.json'), results)
+  print(f'wrote {_WORKDIR.value}/results.json')
+
+
+def _summarise(runs: list[dict], workers: int) -> dict:
+  hist = [r['history'] for r in runs]
+  acc = [h['test_accuracy'][-1] for h in hist]
+  tot = [h['totals'] for h in hist]
+  steps = len(hist[0]['density'])
+  dense = np.mean([t['dense_bytes'] for t in tot]) / steps
+  ideal = np.mean([t['ideal_bytes'] for t in tot]) / steps
+  times = {k: float(np.median([r['times'][k] for r in runs])) for k in runs[0]['times']}
+  own = collectives.StepModel(dense, ideal, workers, **times)
+  ratio = dense / ideal
+  ref_dense = 4 * _REF_PARAMS.value
+  ref = collectives.StepModel(
+    ref_dense,
+    ref_dense / ratio,
+    workers,
+    t_compute=_REF_T.value / 1e3,
+    t_compress=times['t_compress'] * _REF_PARAMS.value / (dense / 4),
+    t_variance=_REF_T.value / 1e3 * times['t_variance'] / max(times['t_compute'], 1e-12),
+  )
+  return {
+    'accuracy': acc,
+    'accuracy_mean': float(np.mean(acc)),
+    'accuracy_std': float(np.std(acc)),
+    'ratio_ideal': float(np.mean([t['dense_bytes'] / t['ideal_bytes'] for t in tot])),
+    'ratio_static': float(np.mean([t['dense_bytes'] / t['static_bytes'] for t in tot])),
+    'ratio_elements': float(np.mean([t['elements'] / max(t['sent'], 1) for t in tot])),
+    'density_mean': float(np.mean([np.mean(h['density']) for h in hist])),
+    'density_last_10pct': float(
+      np.mean([np.mean(h['density'][-max(steps // 10, 1) :]) for h in hist])
+    ),
+    'overflow_total': float(np.mean([t['overflow'] for t in tot])),
+    'times': times,
+    'speedup_this_model': collectives.speedup_table(own),
+    'speedup_reference_model': collectives.speedup_table(ref),
+  }
+
+
+if __name__ == '__main__':
+  app.run(main)
