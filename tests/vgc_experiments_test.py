@@ -1,0 +1,75 @@
+"""The VGC launcher: flag validation before any work, a tiny run, and resuming a sweep."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.join(os.path.dirname(__file__), '..')
+SCRIPT = os.path.join(ROOT, 'experiments', 'vgc.py')
+FLAGFILE = os.path.join(ROOT, 'experiments', 'configs', 'vgc_digits.flags')
+TINY = ['--steps=20', '--eval_every=10', '--hidden=16', '--seeds=0', '--simulate', '--workers=4']
+
+
+def _run(*args, check=True, devices=1):
+  flags_ = f'--xla_force_host_platform_device_count={devices}' if devices > 1 else ''
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': flags_}
+  proc = subprocess.run(
+    [sys.executable, SCRIPT, *args], capture_output=True, text=True, env=env, timeout=600
+  )
+  if check and proc.returncode:
+    raise AssertionError(proc.stdout + proc.stderr)
+  return proc
+
+
+@pytest.mark.parametrize(
+  'flag, message',
+  [
+    ('--alpha=-1', 'alpha'),
+    ('--zeta=0', 'zeta'),
+    ('--zeta=1.5', 'zeta'),
+    ('--capacity=0', 'capacity'),
+    ('--methods=dense,gzip', "unknown method 'gzip'"),
+    ('--dataset=npz:/no/such.npz', '/no/such.npz'),
+    ('--batch_size=100', 'batch_size'),
+    ('--seeds=a', '--seeds'),
+  ],
+)
+def test_bad_flag_gives_one_clear_line(tmp_path, flag, message):
+  proc = _run(f'--flagfile={FLAGFILE}', f'--workdir={tmp_path}', '--workers=8', flag, check=False)
+  assert proc.returncode != 0
+  assert message in proc.stderr, proc.stderr[-2000:]
+  assert 'Traceback' not in proc.stderr
+  assert os.listdir(tmp_path) == []
+
+
+def test_workers_must_match_devices_unless_simulated(tmp_path):
+  proc = _run(f'--workdir={tmp_path}', '--workers=4', '--steps=5', check=False)
+  assert proc.returncode != 0 and '--simulate' in proc.stderr and 'Traceback' not in proc.stderr
+
+
+def test_tiny_sweep_writes_results_and_resumes(tmp_path):
+  args = [f'--flagfile={FLAGFILE}', f'--workdir={tmp_path}', *TINY, '--methods=dense,vgc,topk']
+  _run(*args)
+  results = json.loads((tmp_path / 'results.json').read_text())
+  assert set(results['methods']) == {'dense', 'vgc', 'topk'}
+  assert results['methods']['dense']['ratio_ideal'] == pytest.approx(1.0)
+  for m in ('vgc', 'topk'):
+    s = results['methods'][m]
+    assert s['ratio_ideal'] > 1 and 0 < s['density_mean'] < 1
+    rows = s['speedup_this_model']['rows']
+    assert [r['bandwidth_gbit'] for r in rows] == pytest.approx([1, 10, 100])
+  assert (tmp_path / 'accuracy_vs_compression.png').stat().st_size > 0
+  before = (tmp_path / 'vgc' / 'seed0.json').read_text()
+  proc = _run(*args)
+  assert 'done before' in proc.stdout
+  assert (tmp_path / 'vgc' / 'seed0.json').read_text() == before
+
+
+def test_shard_map_on_devices(tmp_path):
+  args = [f'--workdir={tmp_path}', '--steps=10', '--eval_every=5', '--hidden=16', '--methods=vgc']
+  _run(*args, devices=4)
+  results = json.loads((tmp_path / 'results.json').read_text())
+  assert results['workers'] == 4
