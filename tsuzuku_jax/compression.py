@@ -143,9 +143,10 @@ def _compact(mask: jax.Array, capacity: int, offset: jax.Array) -> jax.Array:
   i = jnp.arange(d, dtype=jnp.int32)
   rank = before_incl - 1 - before_offset
   rank = jnp.where(i >= offset, rank, rank + total)
+  # Elements not kept target slot `capacity`, out of bounds: dropped, not written (no
+  # contention on one dump address).
   slot = jnp.where(mask & (rank < capacity), rank, capacity)
-  out = jnp.full((capacity + 1,), d, jnp.int32).at[slot].set(i, mode='drop')
-  return out[:capacity]
+  return jnp.full((capacity,), d, jnp.int32).at[slot].set(i, mode='drop')
 
 
 def _encode(r_flat, index, valid, quantize, scale):
@@ -265,9 +266,10 @@ def make(
         f'parameter {jax.tree_util.keystr(path)} has {p.size} elements; a 32-bit word holds '
         f'indices < 2^{MAX_INDEX_BITS}: split the tensor',
       )
-    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-    variance = zeros if method in ('vgc', 'hybrid') else jax.tree.map(lambda _: (), params)
-    return CompressState(zeros, variance, jnp.zeros((), jnp.int32))
+    zeros = lambda: jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    # Separate buffers for r and v, so that a jitted update may donate the state.
+    variance = zeros() if method in ('vgc', 'hybrid') else jax.tree.map(lambda _: (), params)
+    return CompressState(zeros(), variance, jnp.zeros((), jnp.int32))
 
   def update(grads, state: CompressState, variance=None):
     if method == 'dense':

@@ -82,11 +82,12 @@ def microbatch(loss_fn: LossFn, params, batch: dict, num_microbatches: int):
   (loss, aux), g = jax.vmap(jax.value_and_grad(loss_fn, has_aux=True), in_axes=(None, 0))(
     params, split
   )
-  mean = lambda t: jax.tree.map(lambda a: jnp.mean(a, 0), t)
+  # A sum of the m slices: XLA:CPU reduces a small leading axis of a large array slowly.
+  mean = lambda t: jax.tree.map(lambda a: sum(a[j] for j in range(m)) / m, t)
   grads = mean(g)
 
   def estimate(gj, gm):
-    s2 = jnp.mean(jnp.square(gj), 0)
+    s2 = sum(jnp.square(gj[j]) for j in range(m)) / m
     if b == 1:
       return s2 / b_total
     sigma2 = (s2 - jnp.square(gm)) * (b * m / (m - 1))
@@ -117,7 +118,10 @@ def _run_tapped(loss_fn, params, batch, perts):
       return f(*args, **kwargs)
     key = _key(ctx.module.path)
     if key in taps:
-      raise ValueError(f'variance.cheap: module {key!r} is called more than once (shared weights)')
+      raise ValueError(
+        f'variance.cheap: module {key!r} is called more than once in one loss evaluation '
+        '(shared weights, or a loss that applies the model twice: compute the logits once)'
+      )
     x = args[0]
     if kind == 'dense' and x.ndim != 2:
       raise ValueError(
@@ -144,18 +148,25 @@ def _subtree(params, key: str):
 
 
 def _conv_sum_sq(module, kernel, x, delta):
-  """sum_z (per-example kernel gradient)^2 of a LipConv from its input and output cotangent."""
+  """sum_z (per-example kernel gradient)^2 of a LipConv from its input and output cotangent.
+
+  The per-example gradient is sum_p patch_{z,p} delta_{z,p}^T over output positions p: one
+  batched matmul of the im2col patches with the cotangent (the weight gradient's FLOPs, with a
+  (B, kh kw Cin, Cout) output instead of its sum over B).
+  """
   from tsuzuku_jax import lipschitz
 
+  kh, kw, cin, cout = kernel.shape
   pads = lipschitz.conv_pads(x.shape[1:3], module.kernel_size, module.strides, module.padding)
-
-  def one(xb, db):
-    conv = lambda k: jax.lax.conv_general_dilated(
-      xb[None], k, module.strides, pads, dimension_numbers=('NHWC', 'HWIO', 'NHWC')
-    )
-    return jax.vjp(conv, kernel)[1](db[None])[0]
-
-  return jnp.sum(jnp.square(jax.vmap(one)(x, delta)), 0)
+  patches = jax.lax.conv_general_dilated_patches(
+    x, (kh, kw), module.strides, pads, dimension_numbers=('NHWC', 'HWIO', 'NHWC')
+  )  # (B, H', W', cin * kh * kw), features ordered (cin, kh, kw)
+  b = x.shape[0]
+  per = jnp.einsum(
+    'bpk,bpo->bko', patches.reshape(b, -1, cin * kh * kw), delta.reshape(b, -1, cout)
+  )
+  s = jnp.sum(jnp.square(per), 0).reshape(cin, kh, kw, cout)
+  return jnp.transpose(s, (1, 2, 0, 3))
 
 
 def cheap(loss_fn: LossFn, params, batch: dict):
