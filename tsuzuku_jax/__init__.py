@@ -1,9 +1,22 @@
-"""tsuzuku_jax: Lipschitz-margin training and certification (more papers to come).
+"""tsuzuku_jax: Lipschitz-margin training and variance-based gradient compression (more to come).
 
-Modules: `data`, `models`, `lipschitz`, `lmt`, `attacks`, `train_lib`, `plotting`.
+Modules: `data`, `models`, `lipschitz`, `lmt`, `attacks`, `train_lib`, `plotting` (LMT);
+`compression`, `variance`, `collectives`, `data_parallel` (VGC).
 """
 
-from tsuzuku_jax import attacks, data, lipschitz, lmt, models, plotting, train_lib
+from tsuzuku_jax import (
+  attacks,
+  collectives,
+  compression,
+  data,
+  data_parallel,
+  lipschitz,
+  lmt,
+  models,
+  plotting,
+  train_lib,
+  variance,
+)
 from tsuzuku_jax.attacks import count_violations, pgd_l2, robust_accuracy
 from tsuzuku_jax.lipschitz import (
   conv_certificate,
@@ -29,9 +42,12 @@ __all__ = [
   'certified_accuracy',
   'certified_radius',
   'certify_dataset',
+  'collectives',
+  'compression',
   'conv_certificate',
   'count_violations',
   'data',
+  'data_parallel',
   'dense_certificate',
   'lipschitz',
   'lmt',
@@ -45,4 +61,5 @@ __all__ = [
   'power_iteration_step',
   'robust_accuracy',
   'train_lib',
+  'variance',
 ]
