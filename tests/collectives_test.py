@@ -119,6 +119,7 @@ def test_eight_devices_equal_single_device_simulation(method):
     np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-6)
   for k in ma:
     np.testing.assert_allclose(ma[k], mb[k], rtol=1e-5)
+  assert 0 < float(ma['sent']) < float(ma['elements'])  # a real sparse exchange took place
   assert np.asarray(a.workers.compress.residual['dense0']['kernel']).shape[0] == N
 
 
@@ -135,6 +136,8 @@ def test_mesh_axis_and_worker_count_are_checked():
     dp.DPConfig(workers=8, batch_size=100)
   with pytest.raises(ValueError, match='zeta'):
     dp.DPConfig(zeta=1.01)
+  with pytest.raises(ValueError, match='microbatches'):
+    dp.DPConfig(estimator='microbatch', microbatches=3)  # does not divide 128 / 8
 
 
 def test_cost_model_closed_forms():
@@ -146,7 +149,8 @@ def test_cost_model_closed_forms():
   assert collectives.step_times(m, bw)['comm_speedup'] == pytest.approx(1.0)
   # Break-even: the compressed and dense steps take the same time there.
   m = collectives.StepModel(d, d / 100, n, t_compute=0.1, t_compress=0.01, t_variance=0.002)
-  b_star = collectives.break_even_bandwidth(m)
+  b_star, side = collectives.break_even_bandwidth(m)
+  assert side == 'below'
   row = collectives.step_times(m, b_star)
   assert row['t_dense_step'] == pytest.approx(row['t_compressed_step'])
   assert (
@@ -159,4 +163,13 @@ def test_cost_model_closed_forms():
   assert table['allgather_wins_bytes']
   # Never wins when R < n / 2 and compression costs time.
   bad = collectives.StepModel(d, d / 2, n, t_compute=0.1, t_compress=0.01)
-  assert collectives.break_even_bandwidth(bad) == 0.0
+  assert collectives.break_even_bandwidth(bad) == (0.0, 'never')
+  # More bytes than dense but fewer latency hops: faster only above the break-even bandwidth.
+  odd = collectives.StepModel(1e3, 1e3, n, t_compute=0.0, latency=1e-3)
+  b_star, side = collectives.break_even_bandwidth(odd)
+  assert side == 'above'
+  assert (
+    collectives.step_times(odd, 2 * b_star)['speedup']
+    > 1
+    > collectives.step_times(odd, b_star / 2)['speedup']
+  )

@@ -175,3 +175,44 @@ def test_vgc_without_variance_fails():
   g = {'w': jnp.ones(3)}
   with pytest.raises(ValueError, match='variance'):
     comp.update(g, comp.init(g), None)
+
+
+def test_compaction_matches_numpy_reference_with_wraparound(key):
+  rng = np.random.default_rng(0)
+  compact = jax.jit(compression._compact, static_argnums=1)
+  d = 97
+  for t in range(60):
+    mask = rng.random(d) < rng.random()
+    cap = (1, 7, 40, d)[t % 4]
+    offset = int(rng.integers(0, d))
+    order = np.concatenate([np.arange(offset, d), np.arange(offset)])
+    want = [i for i in order if mask[i]][:cap]
+    want += [d] * (cap - len(want))
+    got = compact(jnp.asarray(mask), cap, jnp.int32(offset))
+    np.testing.assert_array_equal(got, want)
+
+
+def test_hybrid_needs_both_tests_and_v_resets_only_where_sent():
+  # r^2 / v: [8, 8, 0.5, 8]; |r|: [1, 0.1, 1, 1]; capacity 2 slots of 4.
+  g = {'w': jnp.array([1.0, 0.1, 1.0, -1.0])}
+  s = {'w': jnp.array([0.125, 0.00125, 2.0, 0.125])}
+  comp = compression.make('hybrid', alpha=2.0, zeta=0.5, tau=0.5, capacity=0.5)
+  msgs, state, stats = comp.update(g, comp.init(g), s)
+  sent = np.asarray(compression.decode(msgs['w'], 4))
+  np.testing.assert_allclose(sent, [1.0, 0, 0, -1.0])  # index 1 fails tau, index 2 the variance
+  np.testing.assert_allclose(state.variance['w'], [0, 0.5 * 0.00125, 1.0, 0])
+  assert int(stats['overflow']) == 0
+  comp = compression.make('vgc', alpha=2.0, zeta=0.5, capacity=0.25)  # 1 slot: 2 overflow
+  msgs, state, stats = comp.update(g, comp.init(g), s)
+  assert int(stats['sent']) == 1 and int(stats['overflow']) == 2
+  # Only the sent element is reset; the overflowed ones (and index 2) decay by zeta.
+  expect = 0.5 * np.asarray(s['w'])
+  expect[int(compression.unpack_index(msgs['w'].words)[0])] = 0.0
+  np.testing.assert_allclose(state.variance['w'], expect, rtol=1e-6)
+
+
+def test_mismatched_shapes_fail_with_the_parameter_named():
+  comp = compression.make('vgc')
+  params = {'a': jnp.zeros((17, 9))}
+  with pytest.raises(ValueError, match=r"gradient \['a'\] has shape \(9,\)"):
+    comp.update({'a': jnp.zeros(9)}, comp.init(params), {'a': jnp.zeros((17, 9))})

@@ -56,15 +56,21 @@ def test_tiny_sweep_writes_results_and_resumes(tmp_path):
   results = json.loads((tmp_path / 'results.json').read_text())
   assert set(results['methods']) == {'dense', 'vgc', 'topk'}
   assert results['methods']['dense']['ratio_ideal'] == pytest.approx(1.0)
+  assert results['methods']['dense']['speedup'] == {}
   for m in ('vgc', 'topk'):
     s = results['methods'][m]
     assert s['ratio_ideal'] > 1 and 0 < s['density_mean'] < 1
-    rows = s['speedup_this_model']['rows']
+    rows = s['speedup']['this_model_ideal']['rows']
+    assert s['speedup']['reference_model_static']['compressed_faster'] in ('below', 'always')
     assert [r['bandwidth_gbit'] for r in rows] == pytest.approx([1, 10, 100])
   assert (tmp_path / 'accuracy_vs_compression.png').stat().st_size > 0
   before = (tmp_path / 'vgc' / 'seed0.json').read_text()
   proc = _run(*args)
   assert 'done before' in proc.stdout
+  assert (tmp_path / 'vgc' / 'seed0.json').read_text() == before
+  # Other settings in the same workdir: refused, and the finished run is left as it was.
+  proc = _run(*args, '--alpha=3', check=False)
+  assert proc.returncode != 0 and 'other settings' in proc.stderr
   assert (tmp_path / 'vgc' / 'seed0.json').read_text() == before
 
 

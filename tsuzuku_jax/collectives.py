@@ -54,15 +54,18 @@ def mean_of_messages(messages, like, axis_name: str):
   def one(msg, ref):
     if not _is_message(msg):
       return jax.lax.psum(msg.astype(jnp.float32), axis_name) / n
-    size = ref.size
-    words = jax.lax.all_gather(msg.words, axis_name, tiled=True)  # (n * capacity,)
+    words = jax.lax.all_gather(msg.words, axis_name)  # (n, capacity)
     if msg.values.size:
-      vals = jax.lax.all_gather(msg.values, axis_name, tiled=True)
+      vals = jax.lax.all_gather(msg.values, axis_name)
     else:
       scales = jax.lax.all_gather(msg.scale, axis_name)  # (n,)
-      worker = jnp.arange(words.size) // msg.words.size
-      vals = decode_values(words, scales[worker])
-    total = jnp.zeros((size,), jnp.float32).at[unpack_index(words)].add(vals, mode='drop')
+      vals = decode_values(words, scales[:, None])
+    index = unpack_index(words)
+    # One scatter per worker, in worker order: indices are unique within a message, so the sum
+    # has a fixed order and every device computes bit-identical means (a single scatter of all
+    # n messages would add duplicate indices with GPU atomics, in no fixed order).
+    add = lambda w, t: t.at[index[w]].add(vals[w], mode='drop')
+    total = jax.lax.fori_loop(0, n, add, jnp.zeros((ref.size,), jnp.float32))
     return (total / n).reshape(ref.shape)
 
   return jax.tree.map(one, messages, like, is_leaf=_is_message)
@@ -112,28 +115,32 @@ def step_times(m: StepModel, bandwidth: float) -> dict:
   }
 
 
-def break_even_bandwidth(m: StepModel) -> float:
-  """Bandwidth (bytes/s) below which the compressed step is faster (inf: always; 0: never).
+def break_even_bandwidth(m: StepModel) -> tuple[float, str]:
+  """Where the compressed step becomes faster: `(B*, side)`, B* in bytes/s.
 
-  Solves t_variance + t_compress + T_allgather(B) = T_allreduce(B) for B.
+  Solves t_variance + t_compress + T_allgather(B) = T_allreduce(B) for B. `side` says where
+  the compressed step is faster: 'below' B*, 'above' B* (only when the all-gather moves more
+  bytes but saves latency), 'always' or 'never' (then B* is inf or 0).
   """
   n = m.workers
   saved_bytes = 2 * (n - 1) / n * m.dense_bytes - (n - 1) * m.sparse_bytes
   overhead = m.t_variance + m.t_compress - (n - 1) * m.latency  # all-gather has n-1 fewer hops
-  if saved_bytes <= 0:
-    return 0.0 if overhead >= 0 else float('inf')
-  if overhead <= 0:
-    return float('inf')
-  return saved_bytes / overhead
+  # Compressed is faster iff overhead < saved_bytes / B.
+  if saved_bytes > 0:
+    return (saved_bytes / overhead, 'below') if overhead > 0 else (float('inf'), 'always')
+  if overhead >= 0:
+    return 0.0, 'never'
+  return saved_bytes / overhead, 'above'
 
 
 def speedup_table(m: StepModel, gbits: Sequence[float] = (1, 10, 100)) -> dict:
   """Rows of `step_times` at each bandwidth (Gbit/s) plus the break-even bandwidth."""
-  b_star = break_even_bandwidth(m)
+  b_star, side = break_even_bandwidth(m)
   return {
     'inputs': dataclasses.asdict(m),
     'byte_ratio': m.dense_bytes / m.sparse_bytes,
     'allgather_wins_bytes': m.dense_bytes / m.sparse_bytes > m.workers / 2,
     'rows': [step_times(m, g * GBIT) for g in gbits],
     'break_even_gbit': b_star / GBIT,
+    'compressed_faster': side,  # relative to break_even_gbit
   }

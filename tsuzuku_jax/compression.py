@@ -89,7 +89,8 @@ def _check(ok: bool, msg: str) -> None:
 
 def slots(size: int, fraction: float) -> int:
   """Static number of message slots for a tensor of `size` elements."""
-  return max(1, min(size, math.ceil(fraction * size)))
+  # The 1e-9 keeps e.g. 0.07 * 100 = 7.000000000000001 at 7 slots.
+  return max(1, min(size, math.ceil(fraction * size - 1e-9)))
 
 
 def word_bytes(quantize: bool) -> int:
@@ -170,6 +171,7 @@ def _leaf_update(method, alpha, zeta, tau, fraction, quantize, g, r, v, s, count
   shape, d = r.shape, r.size
   cap = slots(d, fraction)
   r = (r + g.astype(jnp.float32)).reshape(-1)
+  underflow = jnp.zeros((), jnp.int32)
   if method == 'topk':
     _, index = jax.lax.top_k(jnp.abs(r), cap)
     valid = r[index] != 0
@@ -190,7 +192,9 @@ def _leaf_update(method, alpha, zeta, tau, fraction, quantize, g, r, v, s, count
       scale = jnp.asarray(tau, jnp.float32)
     elif quantize:
       scale = jnp.max(jnp.where(passed, jnp.abs(r), 0.0))
-      passed = passed & quantize_magnitude(jnp.abs(r), scale)[1]
+      in_range = quantize_magnitude(jnp.abs(r), scale)[1]
+      underflow = jnp.sum(passed & ~in_range)
+      passed = passed & in_range
     else:
       scale = jnp.zeros(())
     candidates = jnp.sum(passed)
@@ -215,8 +219,12 @@ def _leaf_update(method, alpha, zeta, tau, fraction, quantize, g, r, v, s, count
     'sent': n_sent,
     'candidates': candidates,
     'overflow': jnp.maximum(candidates - n_sent, 0) if method != 'topk' else jnp.zeros((), int),
+    'underflow': underflow,
     'elements': d,
     'dense_bytes': 4 * d,
+    # Per tensor: the fixed slots plus its float32 scale (sent even when unused, as the
+    # static all-gather does); the variable-size exchange sends only the used words plus the
+    # scale and a 4-byte word count.
     'static_bytes': cap * word_bytes(quantize or method == 'strom') + 4,
     'ideal_bytes': n_sent * word_bytes(quantize or method == 'strom') + 8,
   }
@@ -275,7 +283,9 @@ def make(
     if method == 'dense':
       d = sum(g.size for g in jax.tree.leaves(grads))
       stats = {k: jnp.asarray(d) for k in ('sent', 'candidates', 'elements')}
-      stats.update(overflow=jnp.asarray(0), dense_bytes=jnp.asarray(4 * d))
+      stats.update(
+        overflow=jnp.asarray(0), underflow=jnp.asarray(0), dense_bytes=jnp.asarray(4 * d)
+      )
       stats.update(static_bytes=jnp.asarray(4 * d), ideal_bytes=jnp.asarray(4 * d))
       return grads, state._replace(count=state.count + 1), stats
     if method in ('vgc', 'hybrid') and variance is None:
@@ -284,6 +294,11 @@ def make(
     g_l, r_l = treedef.flatten_up_to(grads), treedef.flatten_up_to(state.residual)
     v_l = treedef.flatten_up_to(state.variance)
     s_l = treedef.flatten_up_to(variance) if variance is not None else [None] * len(g_l)
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(grads)]
+    for path, g, r, s in zip(paths, g_l, r_l, s_l, strict=True):
+      for name, a in (('gradient', g), ('variance', s)):
+        if a is not None and a.shape != r.shape:
+          raise ValueError(f'{name} {path} has shape {a.shape}, the parameter has {r.shape}')
     out = [
       _leaf_update(method, alpha, zeta, tau, fraction, quantize, g, r, v, s, state.count)
       for g, r, v, s in zip(g_l, r_l, v_l, s_l, strict=True)

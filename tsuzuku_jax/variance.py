@@ -16,8 +16,10 @@ with the accumulated gradient.
   gradient's shape. delta (the cotangent of each layer's output) is captured by adding a zero
   perturbation to the output inside `flax.linen.intercept_methods`, and x by the same
   interceptor, so it works on any loss that calls Flax `nn.Dense` / `LipDense` / `LipHead`
-  (2-D inputs) and `LipConv` (without batch norm; per-example kernel gradients by a vmapped
-  transposed convolution) without changing the model. Any other parameter raises, naming it.
+  (2-D inputs) and `LipConv` (without batch norm) without changing the model. A conv kernel's
+  per-example gradient sums over output positions, so there the squares cannot be taken before
+  the sum: it is formed per example from im2col patches (one batched matmul with the weight
+  gradient's FLOPs, B times its memory) and squared. Any other parameter raises, naming it.
 - `microbatch`: any differentiable model. Splits the batch into m micro-batches, takes their
   mean gradients g_j, and returns an unbiased estimate of the same s from their first two
   moments (exact when the micro-batch size is 1). Costs m smaller backward passes.
@@ -186,10 +188,9 @@ def cheap(loss_fn: LossFn, params, batch: dict):
   jax.eval_shape(discover, params)
   shapes = {k: (kind, module, None, shape) for k, (kind, module, shape) in found.items()}
   perts = {k: jnp.zeros(v[3].shape, v[3].dtype) for k, v in shapes.items()}
-  covered = set()
+  covered = set()  # exactly the leaves filled below
   for k in shapes:
-    sub = _subtree(params, k)
-    covered.update(f'{k}/{name}' for name in sub)
+    covered.update(f'{k}/{name}' for name in ('kernel', 'bias') if name in _subtree(params, k))
   missing = [
     '/'.join(str(getattr(p, 'key', p)) for p in path)
     for path, _ in jax.tree_util.tree_leaves_with_path(params)
