@@ -239,6 +239,7 @@ def _summarise(runs: list[dict], workers: int) -> dict:
       np.mean([np.mean(h['density'][-max(steps // 10, 1) :]) for h in hist])
     ),
     'overflow_total': float(np.mean([t['overflow'] for t in tot])),
+    'density_per_step': np.mean([h['density'] for h in hist], 0).tolist(),  # mean over seeds
     'times': times,
     'speedup': speedups,  # this model (measured times) and the ASSUMED reference model
   }

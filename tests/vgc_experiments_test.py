@@ -60,6 +60,7 @@ def test_tiny_sweep_writes_results_and_resumes(tmp_path):
   for m in ('vgc', 'topk'):
     s = results['methods'][m]
     assert s['ratio_ideal'] > 1 and 0 < s['density_mean'] < 1
+    assert len(s['density_per_step']) == 20
     rows = s['speedup']['this_model_ideal']['rows']
     assert s['speedup']['reference_model_static']['compressed_faster'] in ('below', 'always')
     assert [r['bandwidth_gbit'] for r in rows] == pytest.approx([1, 10, 100])
