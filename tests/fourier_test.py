@@ -1,0 +1,177 @@
+"""Fourier basis and heat maps against exact facts (closed forms, circular convolutions)."""
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tsuzuku_jax import fourier
+
+
+def _explicit(h, w, u, v):
+  m, n = np.meshgrid(np.arange(h), np.arange(w), indexing='ij')
+  t = 2 * np.pi * (u * m / h + v * n / w)
+  return (np.cos(t) - np.sin(t)) / np.sqrt(h * w)
+
+
+@pytest.mark.parametrize('hw', [(8, 8), (6, 10), (5, 7)])
+def test_basis_matches_formula_and_is_orthonormal(hw):
+  freqs = fourier.all_frequencies(hw)
+  b = np.asarray(jax.jit(fourier.basis, static_argnums=0)(hw, freqs), np.float64)
+  for k in (0, 1, 7, len(freqs) - 1):
+    np.testing.assert_allclose(b[k], _explicit(*hw, *np.asarray(freqs[k])), atol=2e-6)
+  flat = b.reshape(len(freqs), -1)
+  np.testing.assert_allclose(flat @ flat.T, np.eye(len(freqs)), atol=1e-5)
+  # (u, v) and (-u, -v) are different, orthogonal directions (cos - sin vs cos + sin).
+  h, w = hw
+  i, j = 1 * w + 2, ((h - 1) % h) * w + (w - 2) % w
+  assert abs(flat[i] @ flat[j]) < 1e-5 and not np.allclose(flat[i], flat[j])
+
+
+def _linf_closed_form(n, u, v):
+  """max |cos t - sin t| / n over t = 2 pi k / p, p = n / gcd(u, v, n) (square n x n grid)."""
+  p = n // math.gcd(math.gcd(u, v), n)
+  return (
+    max(abs(math.cos(2 * math.pi * k / p) - math.sin(2 * math.pi * k / p)) for k in range(p)) / n
+  )
+
+
+@pytest.mark.parametrize('u, v', [(0, 0), (4, 0), (2, 2), (1, 0), (3, 5), (4, 4)])
+def test_linf_closed_forms(u, v):
+  n = 8
+  got = fourier.linf_of_unit_direction((n, n), (u, v))
+  assert got == pytest.approx(_linf_closed_form(n, u, v), rel=1e-6)
+  if math.gcd(math.gcd(u, v), n) == 1:
+    assert got == pytest.approx(math.sqrt(2) / n, rel=1e-6)
+
+
+def _circular_conv(x, k):
+  """Single-channel circular convolution (correlation form, as lax.conv) via explicit rolls."""
+  out = np.zeros_like(x)
+  kh, kw = k.shape
+  for i in range(kh):
+    for j in range(kw):
+      out += k[i, j] * np.roll(x, (-(i - kh // 2), -(j - kw // 2)), axis=(0, 1))
+  return out
+
+
+def test_circular_conv_keeps_the_frequency_with_fft_gain():
+  rng = np.random.default_rng(0)
+  n = 8
+  k = rng.normal(size=(3, 3))
+  kernel_full = np.zeros((n, n))
+  for i in range(3):
+    for j in range(3):
+      kernel_full[(i - 1) % n, (j - 1) % n] = k[i, j]
+  for u, v in [(1, 2), (3, 0), (0, 0), (4, 4)]:
+    b = _explicit(n, n, u, v)
+    y = _circular_conv(b, k)
+    # The output stays in span{cos t, sin t} of the same frequency ...
+    m, nn_ = np.meshgrid(np.arange(n), np.arange(n), indexing='ij')
+    t = 2 * np.pi * (u * m + v * nn_) / n
+    span = np.stack([np.cos(t).ravel(), np.sin(t).ravel()], 1)
+    coef, *_ = np.linalg.lstsq(span, y.ravel(), rcond=None)
+    np.testing.assert_allclose(span @ coef, y.ravel(), atol=1e-12)
+    # ... with gain |FFT2(K)| at (u, v) (K correlated: conj of the convolution kernel's FFT).
+    gain = np.abs(np.fft.fft2(kernel_full))[u, v]
+    assert np.linalg.norm(y) == pytest.approx(gain, rel=1e-12)
+
+
+class _LinearCircularNet(nn.Module):
+  """Stride-1 circular convs, global average pooling, linear head; no nonlinearity."""
+
+  @nn.compact
+  def __call__(self, x):
+    for c in (4, 5):
+      x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode='wrap')
+      x = nn.Conv(c, (3, 3), padding='VALID')(x)
+    return nn.Dense(3)(jnp.mean(x, axis=(1, 2)))
+
+
+def test_linear_conv_gap_net_is_sensitive_only_at_dc(key):
+  net = _LinearCircularNet()
+  x = jax.random.uniform(key, (32, 8, 8, 2))
+  params = net.init(key, x)
+  logits_fn = lambda im: net.apply(params, im)
+  y = jnp.argmax(logits_fn(x), -1)
+  _, loss = fourier.heat_map(logits_fn, x, y, 3.0, batch=16, chunk=16, clip=None)
+  _, loss0 = fourier.heat_map(logits_fn, x, y, 0.0, batch=16, chunk=16, clip=None)
+  diff = np.abs(np.asarray(loss - loss0))[0]
+  assert diff[0, 0] > 1e-3  # the DC direction moves the logits
+  diff[0, 0] = 0
+  assert diff.max() < 1e-5  # no other frequency does
+
+
+def _loop_heat_map(logits_fn, x, y, eps):
+  """Reference: one frequency per dataset pass, per channel."""
+  n, h, w, c = x.shape
+  out = np.zeros((c, h, w))
+  for u in range(h):
+    for v in range(w):
+      b = np.asarray(fourier.basis((h, w), jnp.asarray([[u, v]])))[0]
+      for ch in range(c):
+        d = np.zeros((h, w, c), np.float32)
+        d[..., ch] = eps * b
+        pred = np.argmax(np.asarray(logits_fn(jnp.clip(x + d, 0, 1))), -1)
+        out[ch, u, v] = np.mean(pred != np.asarray(y))
+  return out
+
+
+def test_batched_per_channel_heat_map_equals_loop(key):
+  k1, k2 = jax.random.split(key)
+  w1 = jax.random.normal(k1, (4 * 4 * 2, 16))
+  w2 = jax.random.normal(k2, (16, 3))
+  logits_fn = jax.jit(lambda im: jnp.tanh(im.reshape(im.shape[0], -1) @ w1) @ w2)
+  x = jax.random.uniform(key, (24, 4, 4, 2))
+  y = jnp.arange(24) % 3
+  err, _ = fourier.heat_map(logits_fn, x, y, 2.0, mode='per_channel', batch=8, chunk=5)
+  # The same misclassified images at every frequency and channel (counts compared exactly).
+  counts = lambda e: np.round(np.asarray(e, np.float64) * 24).astype(int)
+  np.testing.assert_array_equal(counts(err), counts(_loop_heat_map(logits_fn, x, y, 2.0)))
+  # Chunking does not change the map.
+  err2, _ = fourier.heat_map(logits_fn, x, y, 2.0, mode='per_channel', batch=24, chunk=16)
+  np.testing.assert_array_equal(np.asarray(err), np.asarray(err2))
+
+
+def test_perturbation_norms():
+  b = fourier.basis((8, 8), jnp.asarray([[1, 3]]))[0]
+  d = fourier.perturbation(b, jnp.array([1.0, -1.0, 1.0]), 2.5)
+  assert float(jnp.linalg.norm(d)) == pytest.approx(2.5, rel=1e-5)
+  d = fourier.perturbation(b, jnp.array([1.0, -1.0, 1.0]), 8 / 255, norm='linf')
+  assert float(jnp.max(jnp.abs(d))) == pytest.approx(8 / 255, rel=1e-6)
+
+
+def test_bad_input_is_named():
+  x = jnp.zeros((4, 8, 8))
+  f = lambda im: im.reshape(im.shape[0], -1)[:, :3]
+  with pytest.raises(ValueError, match='NHWC'):
+    fourier.heat_map(f, x, jnp.zeros(4, int), 1.0)
+  with pytest.raises(ValueError, match='eps'):
+    fourier.heat_map(f, x[..., None], jnp.zeros(4, int), -1.0)
+  with pytest.raises(ValueError, match='outside the 8x8 grid'):
+    fourier.linf_of_unit_direction((8, 8), (8, 0))
+  with pytest.raises(ValueError, match='>= 0'):
+    fourier.perturbation(jnp.zeros((8, 8)), jnp.ones(1), -0.1)
+
+
+def test_random_sign_mode_is_seeded_and_sees_both_signs(key):
+  w = jax.random.normal(key, (4 * 4 * 1, 3))
+  logits_fn = jax.jit(lambda im: im.reshape(im.shape[0], -1) @ w)
+  x = jax.random.uniform(key, (16, 4, 4, 1))
+  y = jnp.argmax(logits_fn(x), -1)
+  a, _ = fourier.heat_map(logits_fn, x, y, 3.0, key=jax.random.key(1), batch=8, clip=None)
+  b, _ = fourier.heat_map(logits_fn, x, y, 3.0, key=jax.random.key(1), batch=16, clip=None)
+  assert a.shape == (1, 4, 4)
+  np.testing.assert_array_equal(
+    a, fourier.heat_map(logits_fn, x, y, 3.0, key=jax.random.key(1), batch=8, clip=None)[0]
+  )
+  # Each image gets +b or -b, so its error is at most that under +b plus that under -b.
+  plus, _ = fourier.heat_map(logits_fn, x, y, 3.0, mode='per_channel', batch=16, clip=None)
+  minus, _ = fourier.heat_map(
+    lambda im: logits_fn(2 * x - im), x, y, 3.0, mode='per_channel', batch=16, clip=None
+  )
+  assert np.all(np.asarray(b) <= np.asarray(plus + minus) + 1e-6)
+  assert np.asarray(b).max() > 0
