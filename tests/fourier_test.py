@@ -175,3 +175,61 @@ def test_random_sign_mode_is_seeded_and_sees_both_signs(key):
   )
   assert np.all(np.asarray(b) <= np.asarray(plus + minus) + 1e-6)
   assert np.asarray(b).max() > 0
+
+
+class _CircularGapNet(nn.Module):
+  """Circular padding, stride 1, ReLU, global average pooling: exactly shift-equivariant."""
+
+  @nn.compact
+  def __call__(self, x):
+    for c in (6, 6):
+      x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode='wrap')
+      x = nn.relu(nn.Conv(c, (3, 3), padding='VALID')(x))
+    return nn.Dense(4)(jnp.mean(x, axis=(1, 2)))
+
+
+def _attack_setup(key, shifts_closed=False):
+  net = _CircularGapNet()
+  base = jax.random.uniform(key, (6 if shifts_closed else 40, 6, 6, 2))
+  if shifts_closed:  # every circular shift of every base image: a shift-closed set
+    base = jnp.concatenate([jnp.roll(base, (i, j), (1, 2)) for i in range(6) for j in range(6)])
+  params = net.init(key, base[:1])
+  query = jax.jit(lambda im: jnp.argmax(net.apply(params, im), -1))
+  return query, base
+
+
+def test_attack_is_invariant_to_chunking_and_reports_a_fresh_rate(key):
+  query, x = _attack_setup(key)
+  a = fourier.fourier_attack(query, x, 1.5, chunk=7, batch=9)
+  b = fourier.fourier_attack(query, x, 1.5, chunk=64, batch=40)
+  assert (a.candidate, a.fooling_rate, a.queries) == (b.candidate, b.fooling_rate, b.queries)
+  clean = query(x)
+  assert a.fooling_rate == fourier.fooling_rate(query, x, a.perturbation, clean)
+  assert a.fooling_rate > 0
+  n_cand = 6 * 6 * 2**2
+  assert a.queries == n_cand * 40 + 40  # every candidate on every image, plus clean labels
+  assert float(jnp.linalg.norm(a.perturbation)) == pytest.approx(1.5, rel=1e-5)
+  np.testing.assert_allclose(
+    a.perturbation, fourier.candidate_perturbation((6, 6, 2), a.candidate, 1.5), atol=1e-7
+  )
+  # With given labels no clean queries are spent, and ties go to the lowest index.
+  const = jax.jit(lambda im: jnp.zeros(im.shape[0], jnp.int32))
+  c = fourier.fourier_attack(const, x, 1.5, labels=jnp.zeros(40, jnp.int32))
+  assert (c.candidate, c.fooling_rate, c.queries) == (0, 0.0, n_cand * 40)
+
+
+def test_halving_spends_fewer_queries_and_reports_a_fresh_rate(key):
+  query, x = _attack_setup(key)
+  full = fourier.fourier_attack(query, x, 1.5)
+  half = fourier.fourier_attack(query, x, 1.5, search='halving', first_images=5, eta=3)
+  assert half.queries < 0.5 * full.queries
+  assert half.fooling_rate == fourier.fooling_rate(query, x, half.perturbation, query(x))
+  assert half.fooling_rate <= full.fooling_rate
+
+
+def test_shift_invariance_on_a_circular_gap_model(key):
+  query, x = _attack_setup(key, shifts_closed=True)
+  res = fourier.fourier_attack(query, x, 2.0)
+  rates = fourier.shifted_fooling_rates(query, x, res.perturbation, query(x))
+  assert rates.max() > 0
+  np.testing.assert_array_equal(rates, np.full_like(rates, rates[0, 0]))

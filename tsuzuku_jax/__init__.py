@@ -1,7 +1,7 @@
 """tsuzuku_jax: Lipschitz-margin training and variance-based gradient compression (more to come).
 
 Modules: `data`, `models`, `lipschitz`, `lmt`, `attacks`, `train_lib`, `plotting` (LMT);
-`compression`, `variance`, `collectives`, `data_parallel` (VGC).
+`compression`, `variance`, `collectives`, `data_parallel` (VGC); `fourier` (in progress).
 """
 
 from tsuzuku_jax import (
@@ -10,6 +10,7 @@ from tsuzuku_jax import (
   compression,
   data,
   data_parallel,
+  fourier,
   lipschitz,
   lmt,
   models,
@@ -49,6 +50,7 @@ __all__ = [
   'data',
   'data_parallel',
   'dense_certificate',
+  'fourier',
   'lipschitz',
   'lmt',
   'lmt_loss',
