@@ -403,3 +403,81 @@ def shifted_fooling_rates(
       shifted = jnp.roll(delta, (i, j), axis=(0, 1))
       out[i, j] = fooling_rate(query_fn, images, shifted, labels, clip=clip, batch=batch)
   return out
+
+
+def random_perturbations(key: jax.Array, shape, eps: float, count: int, norm: str = 'l2'):
+  """`count` random perturbations of shape (H, W, C): uniform on the L2 sphere of radius eps,
+  or, with norm='linf', random signs times eps (a corner of the Linf ball)."""
+  if eps < 0:
+    raise ValueError(f'eps must be >= 0, got {eps}')
+  if norm == 'linf':
+    return eps * jax.random.rademacher(key, (count, *shape), jnp.float32)
+  g = jax.random.normal(key, (count, *shape))
+  norms = jnp.sqrt(jnp.sum(jnp.square(g), axis=tuple(range(1, g.ndim)), keepdims=True))
+  return eps * g / norms
+
+
+def _project(delta, eps, norm):
+  if norm == 'linf':
+    return jnp.clip(delta, -eps, eps)
+  n = jnp.linalg.norm(delta)
+  return delta * jnp.minimum(1.0, eps / jnp.maximum(n, 1e-30))
+
+
+def whitebox_universal(
+  logits_fn: LogitsFn,
+  images: jax.Array,
+  labels: jax.Array,
+  eps: float,
+  *,
+  key: jax.Array,
+  steps: int = 200,
+  batch: int = 128,
+  step_size: float | None = None,
+  norm: str = 'l2',
+  clip: tuple[float, float] | None = (0.0, 1.0),
+) -> jax.Array:
+  """White-box universal perturbation (the upper reference): projected gradient ascent on the
+  mean cross-entropy of `logits_fn(images + delta)` over minibatches of the images.
+
+  Uses gradients, unlike `fourier_attack`. Each step takes a normalised gradient step of
+  `step_size` (default eps / 10; the sign of the gradient for 'linf') and projects back onto the
+  eps-ball. Minibatches are drawn with `key`.
+
+  Returns:
+    The (H, W, C) perturbation, with norm <= eps.
+  """
+  check_images(images)
+  if eps < 0 or steps < 1:
+    raise ValueError(f'need eps >= 0 and steps >= 1, got eps={eps}, steps={steps}')
+  if norm not in ('l2', 'linf'):
+    raise ValueError(f"norm must be 'l2' or 'linf', got {norm!r}")
+  images = jnp.asarray(images, jnp.float32)
+  labels = jnp.asarray(labels, jnp.int32)
+  n = images.shape[0]
+  batch = min(batch, n)
+  size = eps / 10 if step_size is None else step_size
+
+  def loss(delta, x, y):
+    z = x + delta
+    if clip is not None:
+      z = jnp.clip(z, *clip)
+    logits = logits_fn(z)
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], -1))
+
+  @jax.jit
+  def run(key):
+    def step(delta, k):
+      idx = jax.random.choice(k, n, (batch,), replace=False)
+      g = jax.grad(loss)(delta, images[idx], labels[idx])
+      if norm == 'linf':
+        g = jnp.sign(g)
+      else:
+        g = g / jnp.maximum(jnp.linalg.norm(g), 1e-30)
+      return _project(delta + size * g, eps, norm), None
+
+    delta0 = jnp.zeros(images.shape[1:], jnp.float32)
+    delta, _ = jax.lax.scan(step, delta0, jax.random.split(key, steps))
+    return delta
+
+  return run(key)
