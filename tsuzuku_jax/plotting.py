@@ -85,3 +85,34 @@ def plot_accuracy_vs_compression(
     fig.savefig(path, dpi=120)
     plt.close(fig)
   return fig
+
+
+def plot_fourier_maps(maps: Mapping[str, np.ndarray], path: str | None = None, *, title: str = ''):
+  """Images side by side: heat maps (H, W) shown with the zero frequency centred
+  (`np.fft.fftshift`) and perturbations (H, W, C), one panel per entry.
+
+  Args:
+    maps: label -> array; 2-D arrays are frequency maps, 3-D ones are perturbations.
+    path: PNG path to write (None: only return the figure).
+    title: figure title.
+  """
+  fig, axes = plt.subplots(1, len(maps), figsize=(3.2 * len(maps), 3.2), squeeze=False)
+  for ax, (label, a) in zip(axes[0], maps.items(), strict=True):
+    a = np.asarray(a)
+    if a.ndim == 2:
+      im = ax.imshow(np.fft.fftshift(a), cmap='viridis')
+      fig.colorbar(im, ax=ax, fraction=0.046)
+    else:
+      span = np.max(np.abs(a)) or 1.0
+      shown = a[..., 0] if a.shape[-1] != 3 else 0.5 + a / (2 * span)
+      ax.imshow(shown, cmap='gray' if a.shape[-1] != 3 else None)
+    ax.set_title(label, fontsize=8)
+    ax.set_xticks([])
+    ax.set_yticks([])
+  if title:
+    fig.suptitle(title, fontsize=9)
+  fig.tight_layout()
+  if path:
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+  return fig

@@ -1,0 +1,47 @@
+"""The Fourier launcher: flag validation before any work, and a tiny end-to-end run."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.join(os.path.dirname(__file__), '..')
+SCRIPT = os.path.join(ROOT, 'experiments', 'fourier.py')
+FLAGFILE = os.path.join(ROOT, 'experiments', 'configs', 'fourier_digits.flags')
+TINY = ['--steps=30', '--channels=4,8', '--dense=16', '--random_trials=2', '--uap_steps=5']
+
+
+def _run(*args, check=True):
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ''}
+  proc = subprocess.run(
+    [sys.executable, SCRIPT, *args], capture_output=True, text=True, env=env, timeout=600
+  )
+  if check and proc.returncode:
+    raise AssertionError(proc.stdout + proc.stderr)
+  return proc
+
+
+@pytest.mark.parametrize(
+  'flag, message',
+  [
+    ('--eps=-1', '--eps'),
+    ('--eps=a', '--eps'),
+    ('--dataset=npz:/no/such.npz', '/no/such.npz'),
+    ('--channels=4,x', '--channels'),
+  ],
+)
+def test_bad_flag_gives_one_clear_line(tmp_path, flag, message):
+  proc = _run(f'--flagfile={FLAGFILE}', f'--workdir={tmp_path}', flag, check=False)
+  assert proc.returncode != 0 and message in proc.stderr and 'Traceback' not in proc.stderr
+  assert os.listdir(tmp_path) == []
+
+
+def test_tiny_run(tmp_path):
+  _run(f'--flagfile={FLAGFILE}', f'--workdir={tmp_path}', *TINY, '--search=halving')
+  results = json.loads((tmp_path / 'results.json').read_text())
+  row = results['per_eps']['1.4']
+  assert 0 <= row['fourier_heldout_fooling'] <= 1 and row['queries'] > 0
+  assert len(results['heat_map_error']) == 8
+  assert (tmp_path / 'fourier.png').stat().st_size > 0
