@@ -2,10 +2,9 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
+from launcher import run_script
 
 ROOT = os.path.join(os.path.dirname(__file__), '..')
 SCRIPT = os.path.join(ROOT, 'experiments', 'fourier.py')
@@ -14,13 +13,7 @@ TINY = ['--steps=30', '--channels=4,8', '--dense=16', '--random_trials=2', '--ua
 
 
 def _run(*args, check=True):
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ''}
-  proc = subprocess.run(
-    [sys.executable, SCRIPT, *args], capture_output=True, text=True, env=env, timeout=600
-  )
-  if check and proc.returncode:
-    raise AssertionError(proc.stdout + proc.stderr)
-  return proc
+  return run_script(SCRIPT, *args, check=check)
 
 
 @pytest.mark.parametrize(

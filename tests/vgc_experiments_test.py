@@ -2,10 +2,9 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
+from launcher import run_script
 
 ROOT = os.path.join(os.path.dirname(__file__), '..')
 SCRIPT = os.path.join(ROOT, 'experiments', 'vgc.py')
@@ -14,14 +13,7 @@ TINY = ['--steps=20', '--eval_every=10', '--hidden=16', '--seeds=0', '--simulate
 
 
 def _run(*args, check=True, devices=1):
-  flags_ = f'--xla_force_host_platform_device_count={devices}' if devices > 1 else ''
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': flags_}
-  proc = subprocess.run(
-    [sys.executable, SCRIPT, *args], capture_output=True, text=True, env=env, timeout=600
-  )
-  if check and proc.returncode:
-    raise AssertionError(proc.stdout + proc.stderr)
-  return proc
+  return run_script(SCRIPT, *args, check=check, devices=devices)
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,17 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 
+def _finish(fig, path, title, set_title):
+  """Titles and lays out `fig`; writes it to `path` (PNG) and closes it when a path is given."""
+  if title:
+    set_title(title)
+  fig.tight_layout()
+  if path:
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+  return fig
+
+
 def certified_accuracy_curve(
   radius: np.ndarray, correct: np.ndarray, eps_grid: np.ndarray
 ) -> np.ndarray:
@@ -42,13 +53,7 @@ def plot_certified_accuracy(
   ax.set_ylim(0, 100)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
-  if title:
-    ax.set_title(title)
-  fig.tight_layout()
-  if path:
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-  return fig
+  return _finish(fig, path, title, ax.set_title)
 
 
 def plot_accuracy_vs_compression(
@@ -78,13 +83,7 @@ def plot_accuracy_vs_compression(
   ax.set_ylabel('test accuracy (%)')
   ax.grid(alpha=0.3, which='both')
   ax.legend(fontsize=8)
-  if title:
-    ax.set_title(title)
-  fig.tight_layout()
-  if path:
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-  return fig
+  return _finish(fig, path, title, ax.set_title)
 
 
 def plot_fourier_maps(maps: Mapping[str, np.ndarray], path: str | None = None, *, title: str = ''):
@@ -109,10 +108,4 @@ def plot_fourier_maps(maps: Mapping[str, np.ndarray], path: str | None = None, *
     ax.set_title(label, fontsize=8)
     ax.set_xticks([])
     ax.set_yticks([])
-  if title:
-    fig.suptitle(title, fontsize=9)
-  fig.tight_layout()
-  if path:
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-  return fig
+  return _finish(fig, path, title, lambda t: fig.suptitle(t, fontsize=9))
