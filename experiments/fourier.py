@@ -29,7 +29,26 @@ _DENSE = flags.DEFINE_integer('dense', 128, 'CNN dense width.')
 _STEPS = flags.DEFINE_integer('steps', 2000, 'Training steps.')
 _BATCH = flags.DEFINE_integer('batch_size', 128, 'Training batch size.')
 _LR = flags.DEFINE_float('learning_rate', 1e-3, 'Adam learning rate.')
-_EPS = flags.DEFINE_list('eps', ['1.4'], 'L2 norms (pixels in [0, 1]) of the perturbations.')
+_EPS = flags.DEFINE_list(
+  'eps',
+  ['auto'],
+  'L2 norms (pixels in [0, 1]) of the perturbations; "auto": the norm at which the random '
+  "baseline's directions fool --random_target of the held-out images (bisection).",
+)
+_LINF_EQ = flags.DEFINE_list(
+  'linf_equivalent',
+  [],
+  'Linf budgets such as 4/255: each adds the L2 norm eps * sqrt(H W C / 2), that of a Fourier '
+  'direction whose largest pixel change is eps.',
+)
+_RANDOM_TARGET = flags.DEFINE_float('random_target', 0.05, 'Random fooling rate for "auto".')
+_HEAT_N = flags.DEFINE_integer('heat_map_images', 0, 'Test images in the heat map (0: all).')
+_HELD_N = flags.DEFINE_integer(
+  'heldout_images', 0, 'Held-out test images after the search set (0: all the rest).'
+)
+_SHIFT_STRIDE = flags.DEFINE_integer(
+  'shift_stride', 1, 'Evaluate circular shifts on this grid stride (1: every shift).'
+)
 _SEARCH_N = flags.DEFINE_integer('search_images', 256, 'Test images the search may query.')
 _SEARCH = flags.DEFINE_enum('search', 'exhaustive', ['exhaustive', 'halving'], 'Search mode.')
 _FIRST = flags.DEFINE_integer('first_images', 16, 'Halving: images in the first round.')
@@ -39,7 +58,15 @@ _UAP_STEPS = flags.DEFINE_integer('uap_steps', 300, 'White-box universal perturb
 _SEED = flags.DEFINE_integer('seed', 0, 'Random seed.')
 
 
-def _validate() -> list[float]:
+def _fraction(text: str) -> float:
+  num, _, den = text.partition('/')
+  value = float(num) / (float(den) if den else 1.0)
+  if not value > 0:
+    raise ValueError(text)
+  return value
+
+
+def _validate() -> tuple[list[float | None], list[tuple[str, float]]]:
   if not _WORKDIR.value:
     raise app.UsageError('--workdir is required')
   try:
@@ -47,21 +74,33 @@ def _validate() -> list[float]:
   except (ValueError, FileNotFoundError) as e:
     raise app.UsageError(f'--dataset: {e}') from None
   try:
-    eps = [float(e) for e in _EPS.value]
+    eps = [None if e == 'auto' else float(e) for e in _EPS.value]
   except ValueError:
-    raise app.UsageError(f'--eps must be numbers, got {_EPS.value}') from None
-  if not eps or any(e < 0 for e in eps):
+    raise app.UsageError(f'--eps must be numbers or "auto", got {_EPS.value}') from None
+  if any(e is not None and e < 0 for e in eps):
     raise app.UsageError(f'--eps must be non-negative norms, got {_EPS.value}')
+  try:
+    linf = [(e, _fraction(e)) for e in _LINF_EQ.value]
+  except (ValueError, ZeroDivisionError):
+    raise app.UsageError(
+      f'--linf_equivalent must be positive numbers or fractions like 4/255, got {_LINF_EQ.value}'
+    ) from None
+  if not eps and not linf:
+    raise app.UsageError('give at least one norm in --eps or --linf_equivalent')
+  if not 0 <= _RANDOM_TARGET.value < 1:
+    raise app.UsageError(f'--random_target must be in [0, 1), got {_RANDOM_TARGET.value}')
+  if _HEAT_N.value < 0 or _HELD_N.value < 0 or _SHIFT_STRIDE.value < 1:
+    raise app.UsageError('--heat_map_images and --heldout_images must be >= 0, --shift_stride >= 1')
   if not all(v.isdigit() and int(v) > 0 for v in _CHANNELS.value):
     raise app.UsageError(f'--channels must be positive integers, got {_CHANNELS.value}')
   if _SEARCH_N.value < 1 or _RANDOM.value < 1:
     raise app.UsageError('--search_images and --random_trials must be positive')
-  return eps
+  return eps, linf
 
 
 def main(argv):
   del argv
-  eps_list = _validate()
+  eps_arg, linf_arg = _validate()
   logging.set_verbosity(logging.WARNING)
   import jax
   import jax.numpy as jnp
@@ -89,36 +128,70 @@ def main(argv):
   n = _SEARCH_N.value
   search, held = xte[:n], xte[n:]
   held_ref = pred[n:]
+  if _HELD_N.value:
+    held, held_ref = held[: _HELD_N.value], held_ref[: _HELD_N.value]
   key = jax.random.key(_SEED.value)
+  hw_c = xte.shape[1:]
+  budgets = []  # (name, eps, how it was chosen)
+  for e in eps_arg:
+    if e is None:
+      # The random baseline's own directions on the held-out images: by construction the
+      # baseline fools <= --random_target there. The attack never sees these images.
+      e, rate = fourier.calibrate_eps(
+        query,
+        held,
+        held_ref,
+        key=jax.random.fold_in(key, 1),
+        target=_RANDOM_TARGET.value,
+        trials=_RANDOM.value,
+      )
+      e = float(np.floor(e * 1000) / 1000)  # round down: stays on the <= target side
+      print(f'calibrated L2 {e:g}: random directions fool {rate:.3f} of the held-out images')
+      budgets.append((f'{e:g}', e, f'auto: random fools <= {_RANDOM_TARGET.value:g}'))
+    else:
+      budgets.append((f'{e:g}', e, 'given'))
+  for text, value in linf_arg:
+    e = value * float(np.sqrt(np.prod(hw_c) / 2))
+    budgets.append((f'linf {text}', e, f'Linf {text} equivalent'))
+  heat_x, heat_y = (xte, yte) if not _HEAT_N.value else (xte[: _HEAT_N.value], yte[: _HEAT_N.value])
+  heat_batch = len(heat_x) // -(-len(heat_x) // 256)  # <= 256, dropping < 1 per batch
   t0 = time.time()
   heat_err, _ = fourier.heat_map(
-    logits_fn, xte, yte, eps_list[0], key=key, batch=min(256, len(xte))
+    logits_fn, heat_x, heat_y, budgets[0][1], key=key, batch=heat_batch
   )
+  heat_err = np.asarray(heat_err[0])
   results = {
     'dataset': _DATASET.value,
+    'seed': _SEED.value,
     'clean_accuracy': clean_acc,
-    'heat_map_eps': eps_list[0],
+    'search_images': n,
+    'heldout_images': len(held),
+    'heat_map_eps': budgets[0][1],
+    'heat_map_images': len(heat_x) // heat_batch * heat_batch,
     'heat_map_seconds': time.time() - t0,
-    'heat_map_error': np.asarray(heat_err[0]).tolist(),
+    'heat_map_error': heat_err.tolist(),
     'per_eps': {},
   }
-  maps = {f'heat map, error at L2 {eps_list[0]:g}': np.asarray(heat_err[0])}
-  for eps in eps_list:
+  maps = {f'heat map, error at L2 {budgets[0][1]:.3g}': heat_err}
+  for name, eps, how in budgets:
     t0 = time.time()
     res = fourier.fourier_attack(
       query, search, eps, search=_SEARCH.value, first_images=_FIRST.value, eta=_ETA.value
     )
     attack_s = time.time() - t0
-    randoms = fourier.random_perturbations(
-      jax.random.fold_in(key, 1), search.shape[1:], eps, _RANDOM.value
-    )
+    randoms = fourier.random_perturbations(jax.random.fold_in(key, 1), hw_c, eps, _RANDOM.value)
     rand = [fourier.fooling_rate(query, held, r, held_ref) for r in randoms]
     uap = fourier.whitebox_universal(
       logits_fn, search, pred[:n], eps, key=jax.random.fold_in(key, 2), steps=_UAP_STEPS.value
     )
-    four_shift = fourier.shifted_fooling_rates(query, held, res.perturbation, held_ref)
-    uap_shift = fourier.shifted_fooling_rates(query, held, uap, held_ref)
+    stride = _SHIFT_STRIDE.value
+    four_shift = fourier.shifted_fooling_rates(
+      query, held, res.perturbation, held_ref, stride=stride
+    )
+    uap_shift = fourier.shifted_fooling_rates(query, held, uap, held_ref, stride=stride)
     row = {
+      'eps': eps,
+      'eps_choice': how,
       'fourier_search_fooling': res.fooling_rate,
       'fourier_heldout_fooling': fourier.fooling_rate(query, held, res.perturbation, held_ref),
       'fourier_frequency': res.frequency,
@@ -138,9 +211,9 @@ def main(argv):
     r['fourier_over_whitebox'] = r['fourier_heldout_fooling'] / max(
       r['whitebox_heldout_fooling'], 1e-12
     )
-    results['per_eps'][f'{eps:g}'] = row
+    results['per_eps'][name] = row
     print(
-      f'L2 {eps:g}: Fourier {r["fourier_heldout_fooling"]:.3f} held-out '
+      f'{name} (L2 {eps:.3g}): Fourier {r["fourier_heldout_fooling"]:.3f} held-out '
       f'({r["fourier_search_fooling"]:.3f} search, {res.queries} queries, freq {res.frequency}), '
       f'random {r["random_heldout_fooling_mean"]:.3f}, '
       f'white-box {r["whitebox_heldout_fooling"]:.3f}; '
@@ -149,8 +222,8 @@ def main(argv):
       f'{r["whitebox_shift_fooling"]["mean"]:.3f}',
       flush=True,
     )
-    maps[f'Fourier, L2 {eps:g}'] = np.asarray(res.perturbation)
-    maps[f'white-box, L2 {eps:g}'] = np.asarray(uap)
+    maps[f'Fourier, L2 {eps:.3g}'] = np.asarray(res.perturbation)
+    maps[f'white-box, L2 {eps:.3g}'] = np.asarray(uap)
   plotting.plot_fourier_maps(
     maps, os.path.join(_WORKDIR.value, 'fourier.png'), title=_DATASET.value
   )

@@ -165,9 +165,15 @@ def test_random_sign_mode_is_seeded_and_sees_both_signs(key):
   a, _ = fourier.heat_map(logits_fn, x, y, 3.0, key=jax.random.key(1), batch=8, clip=None)
   b, _ = fourier.heat_map(logits_fn, x, y, 3.0, key=jax.random.key(1), batch=16, clip=None)
   assert a.shape == (1, 4, 4)
-  np.testing.assert_array_equal(
-    a, fourier.heat_map(logits_fn, x, y, 3.0, key=jax.random.key(1), batch=8, clip=None)[0]
-  )
+  np.testing.assert_array_equal(a, b)  # the signs do not depend on the batching
+  c, _ = fourier.heat_map(logits_fn, x, y, 3.0, key=jax.random.key(1), chunk=3, clip=None)
+  np.testing.assert_array_equal(a, c)
+  # A loop over directions with the documented signs gives the same map.
+  dirs = fourier.basis((4, 4), fourier.all_frequencies((4, 4)))
+  for k in range(16):
+    s = fourier.image_signs(jax.random.key(1), k, 16)
+    wrong = jnp.argmax(logits_fn(x + 3.0 * s[:, None, None, None] * dirs[k][..., None]), -1) != y
+    assert float(a.reshape(-1)[k]) == float(jnp.mean(wrong))
   # Each image gets +b or -b, so its error is at most that under +b plus that under -b.
   plus, _ = fourier.heat_map(logits_fn, x, y, 3.0, mode='per_channel', batch=16, clip=None)
   minus, _ = fourier.heat_map(
@@ -259,3 +265,36 @@ def test_whitebox_universal_stays_in_the_ball_and_beats_random(key):
   assert uap > max(rand)
   d_inf = fourier.whitebox_universal(logits_fn, x, y, 0.05, key=key, steps=20, norm='linf')
   assert float(jnp.max(jnp.abs(d_inf))) <= 0.05 + 1e-7
+
+
+def test_shift_stride_subsamples_the_full_grid(key):
+  query, x = _attack_setup(key)
+  delta = fourier.candidate_perturbation((6, 6, 2), 37, 2.0)
+  full = fourier.shifted_fooling_rates(query, x, delta, query(x))
+  np.testing.assert_array_equal(
+    fourier.shifted_fooling_rates(query, x, delta, query(x), stride=4), full[::4, ::4]
+  )
+  with pytest.raises(ValueError, match='stride'):
+    fourier.shifted_fooling_rates(query, x, delta, query(x), stride=0)
+
+
+def test_calibrate_eps_brackets_the_target(key):
+  query, x = _attack_setup(key)
+  y = query(x)
+  sub = jax.random.fold_in(key, 5)
+  eps, rate = fourier.calibrate_eps(query, x, y, key=sub, target=0.1, trials=4, iters=10)
+  units = fourier.random_perturbations(sub, (6, 6, 2), 1.0, 4)
+
+  def mean_rate(e):
+    return np.mean([fourier.fooling_rate(query, x, e * u, y) for u in units])
+
+  # The returned norm meets the target with the baseline's own directions; slightly more
+  # (one bisection step, of a bracket no wider than the doubled mean image norm) does not.
+  mean_norm = float(jnp.mean(jnp.linalg.norm(x.reshape(len(x), -1), axis=1)))
+  assert eps > 0 and rate == pytest.approx(mean_rate(eps)) and rate <= 0.1
+  step = 2 ** math.ceil(math.log2(eps / mean_norm + 1)) * mean_norm / 2**10
+  assert any(mean_rate(eps + k * step) > 0.1 for k in (1, 2))
+  with pytest.raises(ValueError, match='target'):
+    fourier.calibrate_eps(query, x, y, key=sub, target=1.5)
+  with pytest.raises(ValueError, match='misclassified'):
+    fourier.calibrate_eps(query, x, (y + 1) % 4, key=sub, target=0.1)

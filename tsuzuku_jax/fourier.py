@@ -110,13 +110,14 @@ def _errors_and_loss(logits_fn, images, labels, delta, clip):
   return jnp.sum(wrong), jnp.sum(loss)
 
 
-def _deltas(dirs, c, eps, mode, signs_key, n_img):
-  """(K, n_img or 1, H, W, C) perturbations for a chunk of K directions."""
-  if mode == 'random_sign':
-    # Yin et al.: one random global sign per (direction, image), same pattern on every channel.
-    r = jax.random.rademacher(signs_key, (dirs.shape[0], n_img), jnp.float32)
-    return eps * r[:, :, None, None, None] * dirs[:, None, :, :, None] / np.sqrt(c)
-  raise AssertionError(mode)
+def image_signs(key: jax.Array, direction_index, n: int) -> jax.Array:
+  """The random-sign heat map's +-1 signs for direction `direction_index` over n images.
+
+  Yin et al. flip each (direction, image) pair at random; drawing them per direction over the
+  whole image set makes the map independent of chunking and batching (and reproducible by a
+  loop over directions).
+  """
+  return jax.random.rademacher(jax.random.fold_in(key, direction_index), (n,), jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnames=('logits_fn', 'chunk', 'batch', 'mode', 'clip'))
@@ -132,14 +133,17 @@ def _heat_map(logits_fn, images, labels, eps, key, *, chunk, batch, mode, clip):
 
   def one_chunk(ci):
     dirs = basis((h, w), jax.lax.dynamic_slice_in_dim(freqs, ci * chunk, chunk))
+    if mode == 'random_sign':
+      ks = ci * chunk + jnp.arange(chunk)
+      signs = jax.vmap(lambda k: image_signs(key, k, n_batches * batch))(ks)
 
     def one_batch(carry, bi):
       x, y = imgs[bi], labs[bi]
       outs = []
       for ch in channels:
-        if ch is None:
-          bkey = jax.random.fold_in(jax.random.fold_in(key, ci), bi)
-          deltas = _deltas(dirs, c, eps, mode, bkey, batch)
+        if ch is None:  # the same pattern on every channel, one random sign per image
+          sgn = jax.lax.dynamic_slice_in_dim(signs, bi * batch, batch, axis=1)
+          deltas = eps * sgn[:, :, None, None, None] * dirs[:, None, :, :, None] / np.sqrt(c)
         else:
           onehot = jax.nn.one_hot(ch, c)
           deltas = eps * dirs[:, None, :, :, None] * onehot
@@ -183,11 +187,12 @@ def heat_map(
     images: (N, H, W, C) in pixel units; N is truncated to a multiple of `batch`.
     labels: (N,) int labels.
     eps: L2 norm of the perturbation (over all channels), >= 0.
-    key: PRNG key for 'random_sign' (one random sign per direction and image).
+    key: PRNG key for 'random_sign': direction k (the row-major index of (u, v)) flips image i
+      by `image_signs(key, k, N')[i]`, N' the images used; independent of chunk and batch.
     mode: 'random_sign' (Yin et al.: the same pattern on every channel, times a random sign per
       image) or 'per_channel' (one map per channel, perturbing only that channel).
     chunk: directions per vmapped chunk.
-    batch: images per scanned batch (<= N).
+    batch: images per scanned batch (at most N).
     clip: clip perturbed images to this range (None: no clipping).
 
   Returns:
@@ -203,8 +208,9 @@ def heat_map(
   if mode not in MODES:
     raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
   n = images.shape[0]
-  if chunk < 1 or not 1 <= batch <= n:
-    raise ValueError(f'need chunk >= 1 and 1 <= batch <= N={n}; got chunk={chunk}, batch={batch}')
+  if chunk < 1 or batch < 1 or n < 1:
+    raise ValueError(f'need chunk, batch and N >= 1; got chunk={chunk}, batch={batch}, N={n}')
+  batch = min(batch, n)
   if key is None:
     key = jax.random.key(0)
   clip = None if clip is None else tuple(float(a) for a in clip)
@@ -394,14 +400,19 @@ def shifted_fooling_rates(
   *,
   clip: tuple[float, float] | None = (0.0, 1.0),
   batch: int = 256,
+  stride: int = 1,
 ) -> np.ndarray:
-  """(H, W) fooling rates of every circular shift `roll(delta, (i, j))` (shift invariance)."""
+  """Fooling rates of the circular shifts `roll(delta, (i, j))` (shift invariance), for i, j
+  on the grid's multiples of `stride`: an (H / stride, W / stride) array, rounded up."""
+  if stride < 1:
+    raise ValueError(f'stride must be >= 1, got {stride}')
   h, w = delta.shape[:2]
-  out = np.zeros((h, w))
-  for i in range(h):
-    for j in range(w):
+  rows, cols = range(0, h, stride), range(0, w, stride)
+  out = np.zeros((len(rows), len(cols)))
+  for a, i in enumerate(rows):
+    for b, j in enumerate(cols):
       shifted = jnp.roll(delta, (i, j), axis=(0, 1))
-      out[i, j] = fooling_rate(query_fn, images, shifted, labels, clip=clip, batch=batch)
+      out[a, b] = fooling_rate(query_fn, images, shifted, labels, clip=clip, batch=batch)
   return out
 
 
@@ -415,6 +426,63 @@ def random_perturbations(key: jax.Array, shape, eps: float, count: int, norm: st
   g = jax.random.normal(key, (count, *shape))
   norms = jnp.sqrt(jnp.sum(jnp.square(g), axis=tuple(range(1, g.ndim)), keepdims=True))
   return eps * g / norms
+
+
+def calibrate_eps(
+  query_fn: QueryFn,
+  images: jax.Array,
+  labels: jax.Array,
+  *,
+  key: jax.Array,
+  target: float = 0.05,
+  trials: int = 20,
+  iters: int = 12,
+  norm: str = 'l2',
+  clip: tuple[float, float] | None = (0.0, 1.0),
+  batch: int = 256,
+) -> tuple[float, float]:
+  """The norm at which random perturbations fool `target` of the images: the paper's way to
+  pick a budget ("noise of this size is harmless") without looking at the attack.
+
+  Bisects eps in [0, hi], where hi doubles from the mean image norm until the mean fooling
+  rate of `trials` fixed random unit directions (`random_perturbations`, scaled) exceeds
+  `target`. Returns `(eps, rate)`: the largest evaluated eps whose mean rate is <= target, and
+  that rate. Queries `trials` * N labels per evaluated eps.
+  """
+  check_images(images)
+  if not 0 <= target < 1 or trials < 1 or iters < 1:
+    raise ValueError(
+      f'need 0 <= target < 1, trials >= 1, iters >= 1; got {target}, {trials}, {iters}'
+    )
+  images = jnp.asarray(images, jnp.float32)
+  units = random_perturbations(key, images.shape[1:], 1.0, trials, norm)
+
+  def rate(eps):
+    return float(
+      np.mean(
+        [fooling_rate(query_fn, images, eps * u, labels, clip=clip, batch=batch) for u in units]
+      )
+    )
+
+  flat = images.reshape(images.shape[0], -1)
+  scale = jnp.max(jnp.abs(flat), 1) if norm == 'linf' else jnp.linalg.norm(flat, axis=1)
+  lo, lo_rate, hi = 0.0, rate(0.0), max(float(jnp.mean(scale)), 1e-6)
+  if lo_rate > target:
+    raise ValueError(f'{lo_rate:.3f} of the images are misclassified with no perturbation')
+  for _ in range(30):
+    if rate(hi) > target:
+      break
+    lo, lo_rate, hi = hi, rate(hi), 2 * hi
+  else:
+    raise ValueError(f'random perturbations never fool more than {target} of the images')
+  for _ in range(iters):
+    mid = (lo + hi) / 2
+    r = rate(mid)
+    if r <= target:
+      lo, lo_rate = mid, r
+    else:
+      hi = mid
+  return lo, lo_rate
 
 
 def _project(delta, eps, norm):
