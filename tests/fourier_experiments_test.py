@@ -23,6 +23,9 @@ def _run(*args, check=True):
     ('--eps=a', '--eps'),
     ('--dataset=npz:/no/such.npz', '/no/such.npz'),
     ('--channels=4,x', '--channels'),
+    ('--linf_equivalent=4/0', '--linf_equivalent'),
+    ('--random_target=1', '--random_target'),
+    ('--shift_stride=0', '--shift_stride'),
   ],
 )
 def test_bad_flag_gives_one_clear_line(tmp_path, flag, message):
@@ -32,9 +35,21 @@ def test_bad_flag_gives_one_clear_line(tmp_path, flag, message):
 
 
 def test_tiny_run(tmp_path):
-  _run(f'--flagfile={FLAGFILE}', f'--workdir={tmp_path}', *TINY, '--search=halving')
+  _run(
+    f'--flagfile={FLAGFILE}',
+    f'--workdir={tmp_path}',
+    *TINY,
+    '--search=halving',
+    '--eps=auto,1.4',
+    '--linf_equivalent=1/8',
+    '--shift_stride=3',
+  )
   results = json.loads((tmp_path / 'results.json').read_text())
-  row = results['per_eps']['1.4']
-  assert 0 <= row['fourier_heldout_fooling'] <= 1 and row['queries'] > 0
+  auto, given, linf = results['per_eps'].values()
+  assert auto['eps_choice'].startswith('auto') and auto['random_heldout_fooling_mean'] <= 0.05
+  assert given['eps'] == 1.4 and linf['eps'] == pytest.approx(0.125 * 32**0.5)
+  for row in (auto, given, linf):
+    assert 0 <= row['fourier_heldout_fooling'] <= 1 and row['queries'] > 0
+  assert results['heat_map_images'] == 450 and results['heldout_images'] == 194
   assert len(results['heat_map_error']) == 8
   assert (tmp_path / 'fourier.png').stat().st_size > 0
