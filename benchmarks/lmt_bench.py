@@ -34,26 +34,30 @@ magnitude.
 import argparse
 import contextlib
 import dataclasses
-import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
 from collections.abc import Callable
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 _ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
 sys.path.insert(0, _ROOT)
 
 
+from benchmarks.bench_util import (  # noqa: E402
+  describe,
+  device_info,
+  format_table,
+  summary,
+  timed,
+  write_json,
+)
 from tsuzuku_jax import lmt, models, train_lib  # noqa: E402
 
 # A certificate may sit below the converged (lower-bound) estimate by float32 rounding only.
@@ -156,33 +160,6 @@ def model_specs(args: argparse.Namespace, platform_name: str) -> list[Spec]:
   return [Spec(name, *table[name]) for name in args.models]
 
 
-def device_info() -> dict:
-  dev = jax.devices()[0]
-  info = {
-    'device_kind': dev.device_kind,
-    'platform': dev.platform,
-    'device_count': jax.device_count(),
-    'jax_version': jax.__version__,
-    'flax_version': flax.__version__,
-    'optax_version': optax.__version__,
-    'numpy_version': np.__version__,
-    'python': platform.python_version(),
-    'host_cpus': os.cpu_count(),
-  }
-  with contextlib.suppress(OSError):
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          info['host_cpu'] = line.split(':', 1)[1].strip()
-          break
-  return info
-
-
-def describe(info: dict) -> str:
-  host = f', host {info.get("host_cpu", "?")} x{info["host_cpus"]}'
-  return f'{info["device_kind"]} ({info["platform"]}), jax {info["jax_version"]}{host}'
-
-
 def blas_limit(threads: int):
   """Context limiting host BLAS threads (a no-op when threads <= 0 or threadpoolctl is absent)."""
   if threads <= 0:
@@ -192,12 +169,6 @@ def blas_limit(threads: int):
   except ImportError:
     return contextlib.nullcontext(), 'default (threadpoolctl not installed)'
   return threadpool_limits(limits=threads, user_api='blas'), threads
-
-
-def _timed(fn: Callable, *args):
-  t0 = time.perf_counter()
-  out = jax.block_until_ready(fn(*args))
-  return out, time.perf_counter() - t0
 
 
 def interleaved_times(fns: dict, init: dict, repeats: int, k: int, advance: bool) -> dict:
@@ -228,13 +199,8 @@ def calls_per_repeat(fn: Callable, args: tuple, k: int, min_repeat_s: float) -> 
   """`k`, raised (up to 1000) so that k calls of a warm `fn` last at least `min_repeat_s`."""
   if min_repeat_s <= 0:
     return k
-  _, once = _timed(fn, *args)
+  _, once = timed(fn, *args)
   return max(k, min(1000, math.ceil(min_repeat_s / max(once, 1e-9))))
-
-
-def _summary(times: list[float]) -> dict:
-  ms = [1e3 * t for t in times]
-  return {'median_ms': statistics.median(ms), 'min_ms': min(ms), 'times_ms': ms}
 
 
 def check_bounds(
@@ -340,7 +306,7 @@ def run_model(spec: Spec, args: argparse.Namespace, on_cpu: bool) -> tuple[dict,
   states, compile_s = {}, {}
   for v in spec.variants:
     log(f'compiling the {v} train step (batch {b})')
-    (states[v], _), compile_s[v] = _timed(steps[v], state0, batch)
+    (states[v], _), compile_s[v] = timed(steps[v], state0, batch)
 
   # Correctness, on the LMT state after a few steps (moved weights, iterates, BN statistics).
   state = states['lmt']
@@ -351,8 +317,8 @@ def run_model(spec: Spec, args: argparse.Namespace, on_cpu: bool) -> tuple[dict,
   variables = train_lib.variables_of(state)
   log('certificate bounds (host float64)')
   with jax.default_matmul_precision('highest'):
-    bounds, bounds_first_s = _timed(lmt.certificate_bounds, model.apply, variables, shape)
-    _, bounds_again_s = _timed(lmt.certificate_bounds, model.apply, variables, shape)
+    bounds, bounds_first_s = timed(lmt.certificate_bounds, model.apply, variables, shape)
+    _, bounds_again_s = timed(lmt.certificate_bounds, model.apply, variables, shape)
   log('checking certificate >= converged (network and per layer)')
   t0 = time.perf_counter()
   record['correctness'], ok = check_bounds(model, variables, shape, bounds)
@@ -367,7 +333,7 @@ def run_model(spec: Spec, args: argparse.Namespace, on_cpu: bool) -> tuple[dict,
   log(f'timing {", ".join(spec.variants)}: {spec.repeats} x {k} steps')
   inits = {v: (states[v], batch) for v in spec.variants}
   times = interleaved_times(steps, inits, spec.repeats, k, advance=True)
-  train = {v: {**_summary(times[v]), 'compile_and_first_step_s': compile_s[v]} for v in times}
+  train = {v: {**summary(times[v]), 'compile_and_first_step_s': compile_s[v]} for v in times}
   for v in spec.variants[1:]:
     train[v]['ratio_to_plain'] = train[v]['median_ms'] / train['plain']['median_ms']
     train[v]['ratio_to_plain_paired_median'] = statistics.median(
@@ -396,11 +362,11 @@ def run_model(spec: Spec, args: argparse.Namespace, on_cpu: bool) -> tuple[dict,
     inputs['plain_highest'] = inputs['plain']
   log('timing inference and certification')
   for name, fn in fns.items():
-    _timed(fn, *inputs[name])
+    timed(fn, *inputs[name])
   eval_repeats = max(spec.repeats, 3)
   eval_k = calls_per_repeat(fns['plain'], inputs['plain'], 2 * spec.steps_per_repeat, min_s)
   times = interleaved_times(fns, inputs, eval_repeats, eval_k, advance=False)
-  cert = {name: _summary(t) for name, t in times.items()}
+  cert = {name: summary(t) for name, t in times.items()}
   cert['repeats'], cert['calls_per_repeat'] = eval_repeats, eval_k
   for name in fns:
     cert[name]['images_per_s'] = b / (cert[name]['median_ms'] / 1e3)
@@ -421,27 +387,6 @@ def run_model(spec: Spec, args: argparse.Namespace, on_cpu: bool) -> tuple[dict,
   record['certification'] = cert
   log('done')
   return record, True
-
-
-def format_table(headers: list[str], rows: list[list]) -> str:
-  cells = [[h for h in headers]] + [[_fmt(c) for c in row] for row in rows]
-  widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-  lines = [
-    '  '.join(
-      c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
-    )
-    for r in cells
-  ]
-  lines.insert(1, '  '.join('-' * w for w in widths))
-  return '\n'.join(lines)
-
-
-def _fmt(x) -> str:
-  if isinstance(x, float):
-    if x == 0 or 0.01 <= abs(x) < 1e5:
-      return f'{x:.3f}' if abs(x) < 10 else f'{x:.1f}'
-    return f'{x:.3g}'
-  return str(x)
 
 
 def correctness_table(results: dict) -> str:
@@ -602,12 +547,7 @@ def main(argv=None) -> dict:
   if path is None:
     path = os.path.join(_ROOT, 'benchmarks', 'results', f'lmt_bench_{info["platform"]}.json')
   if path:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-      json.dump(out, f, indent=2)
-    os.replace(tmp, path)
-    print(f'\nwrote {os.path.normpath(path)}')
+    write_json(path, out)
   return out
 
 

@@ -51,18 +51,13 @@ holds the device, the settings, every repeat's time and every ratio. The default
 """
 
 import argparse
-import contextlib
 import functools
-import json
 import math
 import os
-import platform
-import statistics
 import sys
 import time
 from collections.abc import Callable
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -73,6 +68,15 @@ _ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
 sys.path.insert(0, _ROOT)
 
 
+from benchmarks.bench_util import (  # noqa: E402
+  describe,
+  device_info,
+  fail,
+  format_table,
+  summary,
+  timed,
+  write_json,
+)
 from tsuzuku_jax import collectives, compression, models, variance  # noqa: E402
 
 VGC_BYTES = 24  # per element: read g, s, r, v and write r, v (float32).
@@ -180,45 +184,6 @@ def parse_args(argv=None) -> argparse.Namespace:
   return args
 
 
-def device_info() -> dict:
-  dev = jax.devices()[0]
-  info = {
-    'device_kind': dev.device_kind,
-    'platform': dev.platform,
-    'device_count': jax.device_count(),
-    'jax_version': jax.__version__,
-    'flax_version': flax.__version__,
-    'numpy_version': np.__version__,
-    'python': platform.python_version(),
-    'host_cpus': os.cpu_count(),
-  }
-  with contextlib.suppress(OSError):
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          info['host_cpu'] = line.split(':', 1)[1].strip()
-          break
-  with contextlib.suppress(OSError):
-    info['load_average'] = os.getloadavg()
-  return info
-
-
-def describe(info: dict) -> str:
-  host = f', host {info.get("host_cpu", "?")} x{info["host_cpus"]}'
-  return f'{info["device_kind"]} ({info["platform"]}), jax {info["jax_version"]}{host}'
-
-
-def _timed(fn: Callable, *args):
-  t0 = time.perf_counter()
-  out = jax.block_until_ready(fn(*args))
-  return out, time.perf_counter() - t0
-
-
-def _summary(times: list[float]) -> dict:
-  ms = [1e3 * t for t in times]
-  return {'median_ms': statistics.median(ms), 'min_ms': min(ms), 'times_ms': ms}
-
-
 def _calls(once_s: float, min_repeat_s: float) -> int:
   return max(1, min(1000, math.ceil(min_repeat_s / max(once_s, 1e-9))))
 
@@ -292,8 +257,8 @@ def measure_bandwidth(args: argparse.Namespace) -> dict:
   n = args.bw_elements
   scale = jax.jit(lambda x: x * 1.0001, donate_argnums=(0,) if args.donate else ())
   x = jnp.ones((n,), jnp.float32)
-  x, compile_s = _timed(scale, x)
-  x, once = _timed(scale, x)
+  x, compile_s = timed(scale, x)
+  x, once = timed(scale, x)
   k = _calls(once, 0.0 if args.smoke else args.min_repeat_s)
   times = []
   for _ in range(args.bw_repeats):
@@ -302,7 +267,7 @@ def measure_bandwidth(args: argparse.Namespace) -> dict:
       x = scale(x)
     jax.block_until_ready(x)
     times.append((time.perf_counter() - t0) / k)
-  record = {'elements': n, 'bytes_per_call': 8 * n, 'calls_per_repeat': k, **_summary(times)}
+  record = {'elements': n, 'bytes_per_call': 8 * n, 'calls_per_repeat': k, **summary(times)}
   record['bytes_per_s'] = 8 * n / (record['median_ms'] / 1e3)
   record['compile_s'] = compile_s
   return record
@@ -317,8 +282,8 @@ def time_compress(d: int, args: argparse.Namespace, bw: float) -> dict:
     fns[method] = jax.jit(comp.update, donate_argnums=(1,) if args.donate else ())
     # init's residual and variance share zero buffers; donation needs distinct ones.
     state = jax.tree.map(lambda a: jnp.array(a, copy=True), comp.init(g))
-    out, compile_s[method] = _timed(fns[method], g, state, s)
-    out, once = _timed(fns[method], g, out[1], s)
+    out, compile_s[method] = timed(fns[method], g, state, s)
+    out, once = timed(fns[method], g, out[1], s)
     states[method] = out[1]
     calls[method] = _calls(once, 0.0 if args.smoke else args.min_repeat_s)
   times = {m: [] for m in args.methods}
@@ -337,7 +302,7 @@ def time_compress(d: int, args: argparse.Namespace, bw: float) -> dict:
   floor_s = VGC_BYTES * d / bw
   record = {}
   for m in names:
-    t = _summary(times[m])
+    t = summary(times[m])
     sec = t['median_ms'] / 1e3
     own_floor_s = OWN_BYTES[m] * d / bw
     record[m] = {
@@ -418,7 +383,7 @@ def time_variance(
   }
   outs, compile_s = {}, {}
   for k, fn in fns.items():
-    outs[k], compile_s[k] = _timed(fn, params, batch)
+    outs[k], compile_s[k] = timed(fn, params, batch)
   grads = outs['fwd_bwd'][1]
   small = jax.tree.map(lambda a: a[: min(8, b)], batch)
   s_cheap = outs['cheap'][2] if b <= 8 else fns['cheap'](params, small)[2]
@@ -439,7 +404,7 @@ def time_variance(
     return record, False
 
   min_s = 0.0 if args.smoke else args.min_repeat_s
-  calls = _calls(_timed(fns['fwd_bwd'], params, batch)[1], min_s)
+  calls = _calls(timed(fns['fwd_bwd'], params, batch)[1], min_s)
   times = {k: [] for k in fns}
   names = list(fns)
   for r in range(args.var_repeats):
@@ -450,7 +415,7 @@ def time_variance(
         out = fns[k](params, batch)
       jax.block_until_ready(out)
       times[k].append((time.perf_counter() - t0) / calls)
-  res = {k: {**_summary(v), 'compile_and_first_call_s': compile_s[k]} for k, v in times.items()}
+  res = {k: {**summary(v), 'compile_and_first_call_s': compile_s[k]} for k, v in times.items()}
   f, a = res['forward']['median_ms'], res['fwd_bwd']['median_ms']
   backward = a - f
   record.update(res)
@@ -507,31 +472,6 @@ def cost_model(args: argparse.Namespace, compress: dict, var: dict) -> dict:
     'big_t_compute_ms_assumed': args.big_t_compute_ms,
     'rows': rows,
   }
-
-
-def format_table(headers: list[str], rows: list[list]) -> str:
-  cells = [list(headers)] + [[_fmt(c) for c in row] for row in rows]
-  widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-  lines = [
-    '  '.join(
-      c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
-    )
-    for r in cells
-  ]
-  lines.insert(1, '  '.join('-' * w for w in widths))
-  return '\n'.join(lines)
-
-
-def _fmt(x) -> str:
-  if isinstance(x, bool):
-    return 'yes' if x else 'no'
-  if isinstance(x, float):
-    if math.isinf(x) or math.isnan(x):
-      return str(x)
-    if x == 0 or 0.01 <= abs(x) < 1e5:
-      return f'{x:.3f}' if abs(x) < 10 else f'{x:.1f}'
-    return f'{x:.3g}'
-  return str(x)
 
 
 def _size(d: int) -> str:
@@ -649,22 +589,6 @@ def cost_table(cost: dict) -> str:
   return format_table(headers, rows)
 
 
-def write_json(path: str, out: dict) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(out, f, indent=2)
-  os.replace(tmp, path)
-  print(f'\nwrote {os.path.normpath(path)}')
-
-
-def _fail(what: str, failures: list[str]) -> None:
-  print(f'\n{what} check FAILED; no timings are reported.')
-  for f in failures:
-    print(f'  {f}')
-  raise SystemExit(1)
-
-
 def main(argv=None) -> dict:
   args = parse_args(argv)
   info = device_info()
@@ -675,7 +599,7 @@ def main(argv=None) -> dict:
   log(f'conservation check of {", ".join(args.methods)}')
   check, ok = check_conservation(args)
   if not ok:
-    _fail('Conservation', check['failures'])
+    fail('Conservation', check['failures'])
 
   log(f'copy bandwidth on {_size(args.bw_elements)} float32')
   bw = measure_bandwidth(args)
@@ -690,7 +614,7 @@ def main(argv=None) -> dict:
     log(f'variance estimators on {name} {shape}')
     var[name], ok = time_variance(name, model, shape, args)
     if not ok:
-      _fail('Variance-estimator', var[name]['correctness']['failures'])
+      fail('Variance-estimator', var[name]['correctness']['failures'])
   cost = cost_model(args, compress, var)
 
   print(f'\nDevice: {describe(info)}; load average at start {info.get("load_average", "?")}')
