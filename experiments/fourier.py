@@ -39,7 +39,8 @@ _LINF_EQ = flags.DEFINE_list(
   'linf_equivalent',
   [],
   'Linf budgets such as 4/255: each adds the L2 norm eps * sqrt(H W C / 2), that of a Fourier '
-  'direction whose largest pixel change is eps.',
+  'direction whose largest pixel change is eps (most frequencies; the others change no pixel by '
+  'more than eps at that norm).',
 )
 _RANDOM_TARGET = flags.DEFINE_float('random_target', 0.05, 'Random fooling rate for "auto".')
 _HEAT_N = flags.DEFINE_integer('heat_map_images', 0, 'Test images in the heat map (0: all).')

@@ -113,9 +113,10 @@ def _errors_and_loss(logits_fn, images, labels, delta, clip):
 def image_signs(key: jax.Array, direction_index, n: int) -> jax.Array:
   """The random-sign heat map's +-1 signs for direction `direction_index` over n images.
 
-  Yin et al. flip each (direction, image) pair at random; drawing them per direction over the
-  whole image set makes the map independent of chunking and batching (and reproducible by a
-  loop over directions).
+  Random flips as in Yin et al.'s heat maps (their code flips per image and channel; here one
+  sign per image multiplies the same pattern on every channel). Drawing them per direction over
+  the whole image set makes the map independent of chunking and batching (and reproducible by
+  a loop over directions).
   """
   return jax.random.rademacher(jax.random.fold_in(key, direction_index), (n,), jnp.float32)
 
@@ -189,8 +190,9 @@ def heat_map(
     eps: L2 norm of the perturbation (over all channels), >= 0.
     key: PRNG key for 'random_sign': direction k (the row-major index of (u, v)) flips image i
       by `image_signs(key, k, N')[i]`, N' the images used; independent of chunk and batch.
-    mode: 'random_sign' (Yin et al.: the same pattern on every channel, times a random sign per
-      image) or 'per_channel' (one map per channel, perturbing only that channel).
+    mode: 'random_sign' (the same pattern on every channel, times a random sign per image; Yin
+      et al.'s code draws a sign per image and channel and puts the full norm on each channel)
+      or 'per_channel' (one map per channel, perturbing only that channel).
     chunk: directions per vmapped chunk.
     batch: images per scanned batch (at most N).
     clip: clip perturbed images to this range (None: no clipping).
@@ -348,11 +350,13 @@ def fourier_attack(
     queries += n
   labels = jnp.asarray(labels, jnp.int32)
   clip = None if clip is None else tuple(float(a) for a in clip)
-  kw = dict(chunk=chunk, batch=batch, norm=norm, clip=clip)
+  kw = dict(chunk=chunk, norm=norm, clip=clip)
   cand = jnp.arange(h * w * 2**c, dtype=jnp.int32)
   m = n if search == 'exhaustive' else min(first_images, n)
   while True:
-    counts = np.asarray(_fooled_counts(query_fn, images[:m], labels[:m], cand, eps, **kw))
+    # batch <= m: a small halving round must not pay for padding up to a full batch.
+    counts = _fooled_counts(query_fn, images[:m], labels[:m], cand, eps, batch=min(batch, m), **kw)
+    counts = np.asarray(counts)
     queries += int(cand.size) * m
     order = np.lexsort((np.asarray(cand), -counts))  # most fooled first, then lowest index
     if m == n:
@@ -470,9 +474,10 @@ def calibrate_eps(
   if lo_rate > target:
     raise ValueError(f'{lo_rate:.3f} of the images are misclassified with no perturbation')
   for _ in range(30):
-    if rate(hi) > target:
+    hi_rate = rate(hi)
+    if hi_rate > target:
       break
-    lo, lo_rate, hi = hi, rate(hi), 2 * hi
+    lo, lo_rate, hi = hi, hi_rate, 2 * hi
   else:
     raise ValueError(f'random perturbations never fool more than {target} of the images')
   for _ in range(iters):
