@@ -91,6 +91,15 @@ def write_json(path: str, out: dict) -> None:
   print(f'\nwrote {os.path.normpath(path)}')
 
 
+def save_results(out: dict, path: str | None, name: str) -> None:
+  """Writes `out` to `path`; None means benchmarks/results/{name}_{platform}.json, '' nowhere."""
+  if path is None:
+    here = os.path.dirname(os.path.abspath(__file__))
+    path = os.path.join(here, 'results', f'{name}_{out["device"]["platform"]}.json')
+  if path:
+    write_json(path, out)
+
+
 def fail(what: str, failures: list[str]) -> None:
   """Prints the failed correctness check and exits with status 1 (no timings reported)."""
   print(f'\n{what} check FAILED; no timings are reported.')

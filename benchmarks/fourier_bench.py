@@ -46,9 +46,9 @@ from benchmarks.bench_util import (  # noqa: E402
   device_info,
   fail,
   format_table,
+  save_results,
   summary,
   timed,
-  write_json,
 )
 from tsuzuku_jax import data, fourier, models  # noqa: E402
 
@@ -300,11 +300,7 @@ def main(argv=None) -> dict:
     'heat_map': heat,
     'best_config': best,
   }
-  path = args.out
-  if path is None:
-    path = os.path.join(_ROOT, 'benchmarks', 'results', f'fourier_bench_{info["platform"]}.json')
-  if path:
-    write_json(path, out)
+  save_results(out, args.out, 'fourier_bench')
   return out
 
 

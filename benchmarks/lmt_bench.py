@@ -54,9 +54,9 @@ from benchmarks.bench_util import (  # noqa: E402
   describe,
   device_info,
   format_table,
+  save_results,
   summary,
   timed,
-  write_json,
 )
 from tsuzuku_jax import lmt, models, train_lib  # noqa: E402
 
@@ -543,11 +543,7 @@ def main(argv=None) -> dict:
     'ok': True,
     'models': results,
   }
-  path = args.out
-  if path is None:
-    path = os.path.join(_ROOT, 'benchmarks', 'results', f'lmt_bench_{info["platform"]}.json')
-  if path:
-    write_json(path, out)
+  save_results(out, args.out, 'lmt_bench')
   return out
 
 
