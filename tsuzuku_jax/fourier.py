@@ -100,14 +100,25 @@ def _perturb(direction, signs, eps, norm):
   return d * eps
 
 
-def _errors_and_loss(logits_fn, images, labels, delta, clip):
-  x = images + delta
+def _perturbed(images, deltas, clip):
+  """(K, B, H, W, C) deltas (or (K, 1, ...)) on (B, H, W, C) images, as one (K B)-image batch.
+
+  The model sees one large batch instead of being vmapped over directions: models treat
+  examples independently, and a vmapped model is slower (on the CPU, 2x for the small CNN).
+  """
+  z = images[None] + deltas
   if clip is not None:
-    x = jnp.clip(x, *clip)
-  logits = logits_fn(x)
+    z = jnp.clip(z, *clip)
+  return z.reshape(-1, *images.shape[1:])
+
+
+def _errors_and_loss(logits_fn, images, labels, deltas, clip):
+  """Per direction: misclassified count and summed loss of images + deltas[k], (K,) each."""
+  k, b = deltas.shape[0], images.shape[0]
+  logits = logits_fn(_perturbed(images, deltas, clip)).reshape(k, b, -1)
   wrong = jnp.argmax(logits, -1) != labels
-  loss = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], -1)[:, 0]
-  return jnp.sum(wrong), jnp.sum(loss)
+  loss = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[None, :, None], -1)[..., 0]
+  return jnp.sum(wrong, 1), jnp.sum(loss, 1)
 
 
 def image_signs(key: jax.Array, direction_index, n: int) -> jax.Array:
@@ -148,8 +159,7 @@ def _heat_map(logits_fn, images, labels, eps, key, *, chunk, batch, mode, clip):
         else:
           onehot = jax.nn.one_hot(ch, c)
           deltas = eps * dirs[:, None, :, :, None] * onehot
-        f = jax.vmap(lambda d, x=x, y=y: _errors_and_loss(logits_fn, x, y, d, clip))
-        outs.append(f(deltas))
+        outs.append(_errors_and_loss(logits_fn, x, y, deltas, clip))
       wrong = jnp.stack([o[0] for o in outs])
       loss = jnp.stack([o[1] for o in outs])
       return (carry[0] + wrong, carry[1] + loss), None
@@ -268,13 +278,8 @@ def _fooled_counts(query_fn, images, ref, cand, eps, *, chunk, batch, norm, clip
     deltas = jax.vmap(lambda d, s: _perturb(d, s, eps, norm))(dirs, signs[idx % (2**c)])
 
     def one_batch(total, bi):
-      def count(d):
-        x = imgs[bi] + d
-        if clip is not None:
-          x = jnp.clip(x, *clip)
-        return jnp.sum((query_fn(x) != refs[bi]) & valid[bi])
-
-      return total + jax.vmap(count)(deltas), None
+      pred = query_fn(_perturbed(imgs[bi], deltas[:, None], clip)).reshape(chunk, batch)
+      return total + jnp.sum((pred != refs[bi]) & valid[bi], 1), None
 
     total, _ = jax.lax.scan(one_batch, jnp.zeros((chunk,), jnp.int32), jnp.arange(n_batches))
     return total
@@ -313,7 +318,8 @@ def fourier_attack(
   chunking or batching.
 
   Args:
-    query_fn: images (B, H, W, C) -> predicted labels (B,); pure, treated as a black box.
+    query_fn: images (B, H, W, C) -> predicted labels (B,); pure, treated as a black box,
+      treating examples independently (candidates x images are queried as one large batch).
     images: (N, H, W, C) search set in pixel units.
     eps: perturbation norm (L2 over all channels, or Linf with norm='linf'), >= 0.
     labels: reference labels (N,), or None to query the clean predictions.
