@@ -189,7 +189,7 @@ def heat_map(
 ) -> tuple[jax.Array, jax.Array]:
   """Error rate and mean loss when one Fourier direction of L2 norm eps is added to every image.
 
-  Every frequency of the grid is evaluated inside one jit: `chunk` directions at a time (vmap)
+  Every frequency of the grid is evaluated inside one jit: `chunk` directions at a time
   over the images in batches of `batch` (scan), so memory is bounded by chunk * batch images.
 
   Args:
@@ -203,7 +203,7 @@ def heat_map(
     mode: 'random_sign' (the same pattern on every channel, times a random sign per image; Yin
       et al.'s code draws a sign per image and channel and puts the full norm on each channel)
       or 'per_channel' (one map per channel, perturbing only that channel).
-    chunk: directions per vmapped chunk.
+    chunk: directions per chunk (chunk x batch images per model call).
     batch: images per scanned batch (at most N).
     clip: clip perturbed images to this range (None: no clipping).
 
@@ -329,7 +329,7 @@ def fourier_attack(
       until one candidate or all images remain; the survivor is evaluated on the whole set).
     eta: halving factor (>= 2).
     first_images: images in the first halving round.
-    chunk: candidates per vmapped chunk.
+    chunk: candidates per chunk (chunk x batch images per query).
     batch: images per scanned batch.
     clip: clip perturbed images to this range (None: no clipping).
 
