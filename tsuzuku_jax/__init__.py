@@ -1,7 +1,9 @@
-"""tsuzuku_jax: Lipschitz-margin training and variance-based gradient compression (more to come).
+"""tsuzuku_jax: Lipschitz-margin training, variance-based gradient compression, Fourier-basis
+sensitivity, and (in progress) normalized flat minima.
 
 Modules: `data`, `models`, `lipschitz`, `lmt`, `attacks`, `train_lib`, `plotting` (LMT);
-`compression`, `variance`, `collectives`, `data_parallel` (VGC); `fourier` (in progress).
+`compression`, `variance`, `collectives`, `data_parallel` (VGC); `fourier`; `flatness` (in
+progress).
 """
 
 from tsuzuku_jax import (
@@ -10,6 +12,7 @@ from tsuzuku_jax import (
   compression,
   data,
   data_parallel,
+  flatness,
   fourier,
   lipschitz,
   lmt,
@@ -50,6 +53,7 @@ __all__ = [
   'data',
   'data_parallel',
   'dense_certificate',
+  'flatness',
   'fourier',
   'lipschitz',
   'lmt',

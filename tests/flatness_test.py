@@ -1,0 +1,142 @@
+"""Hessian machinery against dense references (float64), known Hessians and exact facts."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from tsuzuku_jax import flatness
+
+
+def _mlp_loss(key, dtype=jnp.float64, widths=(5, 7, 3)):
+  """A tiny ReLU MLP with cross-entropy on fixed random data, and its parameters."""
+  keys = jax.random.split(key, 2 * len(widths))
+  params = {
+    f'l{i}': {
+      'w': jax.random.normal(keys[2 * i], (a, b), dtype) / np.sqrt(a),
+      'b': 0.1 * jax.random.normal(keys[2 * i + 1], (b,), dtype),
+    }
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:], strict=True))
+  }
+  x = jax.random.normal(jax.random.fold_in(key, 99), (16, widths[0]), dtype)
+  y = jax.random.randint(jax.random.fold_in(key, 98), (16,), 0, widths[-1])
+
+  def apply(p, x):
+    n = len(p)
+    for i in range(n):
+      x = x @ p[f'l{i}']['w'] + p[f'l{i}']['b']
+      if i < n - 1:
+        x = jax.nn.relu(x)
+    return x
+
+  def loss(p):
+    logits = apply(p, x)
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], -1))
+
+  return loss, params, apply, x
+
+
+def test_hvp_and_exact_diagonal_match_the_dense_hessian(key):
+  with jax.enable_x64(True):
+    loss, params, _, _ = _mlp_loss(key)
+    h = flatness.exact_hessian(loss, params)
+    flat, unravel = ravel_pytree(params)
+    v = jax.random.normal(jax.random.fold_in(key, 1), flat.shape, jnp.float64)
+    hv = ravel_pytree(flatness.hvp(loss, params, unravel(v)))[0]
+    np.testing.assert_allclose(hv, h @ v, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(
+      ravel_pytree(flatness.hessian_op(loss, params)(unravel(v)))[0], h @ v, rtol=1e-10, atol=1e-12
+    )
+    diag = ravel_pytree(flatness.exact_diagonal(flatness.hessian_op(loss, params), params, 7))[0]
+    np.testing.assert_allclose(diag, jnp.diag(h), rtol=1e-10, atol=1e-12)
+    # The normalized operator is diag(theta) H diag(theta).
+    nd = ravel_pytree(flatness.exact_diagonal(flatness.normalized_op(loss, params), params))[0]
+    np.testing.assert_allclose(nd, flat**2 * jnp.diag(h), rtol=1e-10, atol=1e-12)
+
+
+def test_hutchinson_is_unbiased_with_the_predicted_variance(key):
+  with jax.enable_x64(True):
+    n = 12
+    m = jax.random.normal(key, (n, n), jnp.float64)
+    a = m @ m.T / n + jnp.diag(jnp.arange(n, dtype=jnp.float64))
+    like = {'x': jnp.zeros(6, jnp.float64), 'y': jnp.zeros((2, 3), jnp.float64)}
+    _, unravel = ravel_pytree(like)
+    op = lambda v: unravel(a @ ravel_pytree(v)[0])  # noqa: E731
+    # A quadratic loss 0.5 x^T A x has Hessian A: the HVP path agrees with the operator.
+    quad = lambda p: 0.5 * ravel_pytree(p)[0] @ a @ ravel_pytree(p)[0]  # noqa: E731
+    np.testing.assert_allclose(flatness.exact_hessian(quad, like), a, rtol=1e-12)
+    k = 4000
+    est = flatness.hutchinson_trace(op, like, jax.random.fold_in(key, 1), k, chunk=64)
+    var = 2 * (jnp.sum(a**2) - jnp.sum(jnp.diag(a) ** 2))
+    assert abs(est.value - jnp.trace(a)) < 4 * jnp.sqrt(var / k)
+    assert float(jnp.var(est.samples, ddof=1)) == pytest.approx(float(var), rel=0.1)
+    assert float(est.stderr) == pytest.approx(float(jnp.sqrt(var / k)), rel=0.1)
+    d = flatness.hutchinson_diagonal(op, like, jax.random.fold_in(key, 2), k, chunk=64)
+    mean, se = ravel_pytree(d.value)[0], ravel_pytree(d.stderr)[0]
+    var_d = jnp.sum(a**2, 1) - jnp.diag(a) ** 2
+    assert np.all(np.abs(mean - jnp.diag(a)) < 4.5 * jnp.sqrt(var_d / k))
+    np.testing.assert_allclose(se, jnp.sqrt(var_d / k), rtol=0.15)
+
+
+def test_probe_chunking_does_not_change_the_estimate(key):
+  with jax.enable_x64(True):
+    loss, params, _, _ = _mlp_loss(key)
+    op = flatness.hessian_op(loss, params)
+    a = flatness.hutchinson_trace(op, params, key, 24, chunk=8)
+    b = flatness.hutchinson_trace(op, params, key, 24, chunk=8)
+    np.testing.assert_array_equal(a.samples, b.samples)
+    assert a.samples.shape == (24,)
+    c = flatness.hutchinson_trace(op, params, key, 20, chunk=8)  # last chunk partly used
+    np.testing.assert_array_equal(c.samples, a.samples[:20])
+
+
+def test_lanczos_recovers_the_spectrum(key):
+  with jax.enable_x64(True):
+    loss, params, _, _ = _mlp_loss(key)
+    h = flatness.exact_hessian(loss, params)
+    n = h.shape[0]
+    ev = jnp.sort(jnp.linalg.eigvalsh(h))[::-1]
+    op = flatness.hessian_op(loss, params)
+    top = flatness.top_eigenvalues(op, params, key, k=3, num_iters=n)
+    np.testing.assert_allclose(top, ev[:3], rtol=1e-8, atol=1e-10)
+    res = flatness.lanczos(op, params, key, 20)
+    np.testing.assert_allclose(res.basis @ res.basis.T, jnp.eye(20), atol=1e-10)
+    # A few iterations already find the top eigenvalue closely (it is well separated here).
+    few = flatness.top_eigenvalues(op, params, key, k=1, num_iters=30)
+    assert float(few[0]) == pytest.approx(float(ev[0]), rel=1e-6)
+
+
+def test_bad_input_is_named(key):
+  loss, params, _, _ = _mlp_loss(key, jnp.float32)
+  bad = jax.tree.map(lambda x: x, params)
+  bad['l1']['w'] = bad['l1']['w'].at[0, 0].set(jnp.nan)
+  with pytest.raises(ValueError, match=r"\['l1'\]\['w'\].*non-finite"):
+    flatness.check_params(bad)
+  with pytest.raises(ValueError, match='dtype'):
+    flatness.check_params({'w': jnp.zeros(3, jnp.int32)})
+  op = flatness.hessian_op(loss, params)
+  with pytest.raises(ValueError, match='num_probes'):
+    flatness.hutchinson_trace(op, params, key, 0)
+  with pytest.raises(ValueError, match='num_iters'):
+    flatness.lanczos(op, params, key, 10**6)
+  with pytest.raises(ValueError, match='k'):
+    flatness.top_eigenvalues(op, params, key, k=0)
+
+
+def test_gauss_newton_diagonal_matches_dense_and_equals_h_for_a_linear_model(key):
+  with jax.enable_x64(True):
+    loss, params, apply, x = _mlp_loss(key)
+    flat, unravel = ravel_pytree(params)
+    jac = jax.jacobian(lambda f: apply(unravel(f), x))(flat)  # (B, K, n)
+    p = jax.nn.softmax(apply(params, x))
+    h_out = jax.vmap(lambda q: jnp.diag(q) - jnp.outer(q, q))(p)
+    g = jnp.einsum('bkn,bkl,blm->nm', jac, h_out, jac) / x.shape[0]
+    got = ravel_pytree(flatness.gauss_newton_diagonal(apply, params, x, chunk=5))[0]
+    np.testing.assert_allclose(got, jnp.diag(g), rtol=1e-10, atol=1e-14)
+    assert np.all(got >= 0)
+    # Softmax regression is linear in its parameters: the Gauss-Newton matrix is the Hessian.
+    lin_loss, lin_params, lin_apply, lx = _mlp_loss(key, widths=(5, 3))
+    h = flatness.exact_hessian(lin_loss, lin_params)
+    gn = ravel_pytree(flatness.gauss_newton_diagonal(lin_apply, lin_params, lx))[0]
+    np.testing.assert_allclose(gn, jnp.diag(h), rtol=1e-10, atol=1e-14)
