@@ -2,8 +2,8 @@
 sensitivity, and (in progress) normalized flat minima.
 
 Modules: `data`, `models`, `lipschitz`, `lmt`, `attacks`, `train_lib`, `plotting` (LMT);
-`compression`, `variance`, `collectives`, `data_parallel` (VGC); `fourier`; `flatness` (in
-progress).
+`compression`, `variance`, `collectives`, `data_parallel` (VGC); `fourier`; `flatness`, `pac_bayes`
+(in progress).
 """
 
 from tsuzuku_jax import (
@@ -17,6 +17,7 @@ from tsuzuku_jax import (
   lipschitz,
   lmt,
   models,
+  pac_bayes,
   plotting,
   train_lib,
   variance,
@@ -60,6 +61,7 @@ __all__ = [
   'lmt_loss',
   'margin_logits',
   'models',
+  'pac_bayes',
   'pairwise_row_certificate',
   'pgd_l2',
   'plotting',

@@ -1,0 +1,90 @@
+"""PAC-Bayes arithmetic against known values, closed forms and monotonicity."""
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tsuzuku_jax import pac_bayes
+
+
+def test_binary_kl_known_values():
+  assert pac_bayes.binary_kl(0.05, 0.30) == pytest.approx(0.2005, abs=5e-5)
+  assert pac_bayes.binary_kl(0.5, 0.5) == 0.0
+  assert pac_bayes.binary_kl(0.0, 0.5) == pytest.approx(math.log(2))
+  assert pac_bayes.binary_kl(0.2, 0.0) == math.inf
+
+
+@pytest.mark.parametrize('q', [0.0, 1e-6, 0.03, 0.5, 0.97, 1.0])
+@pytest.mark.parametrize('b', [1e-8, 0.01, 0.3, 2.0])
+def test_kl_inversion_is_exact_and_monotone(q, b):
+  p = pac_bayes.kl_inverse_upper(q, b)
+  assert q <= p <= 1.0
+  # Rounded outward: kl at the answer is >= b, and equals it wherever float64 resolves it
+  # (1 - p above 1e-12, p above 1e-300).
+  assert p == 1.0 or pac_bayes.binary_kl(q, p) >= b
+  if 1e-12 < 1.0 - p:
+    assert pac_bayes.binary_kl(q, p) == pytest.approx(b, rel=1e-9, abs=1e-12)
+  assert pac_bayes.kl_inverse_upper(q, 1.5 * b) >= p
+  low = pac_bayes.kl_inverse_lower(q, b)
+  assert 0.0 <= low <= q
+  assert low == 0.0 or pac_bayes.binary_kl(q, low) >= b or low < 1e-300
+  if low > 1e-300:
+    assert pac_bayes.binary_kl(q, low) == pytest.approx(b, rel=1e-9, abs=1e-12)
+
+
+def test_bounds_are_monotone_and_langford_seeger_is_tighter():
+  m, delta = 1000, 0.05
+  prev = 0.0
+  for kl in (0.0, 1.0, 10.0, 100.0, 1000.0):
+    ls = pac_bayes.langford_seeger(0.05, kl, m, delta)
+    assert ls >= prev and ls <= pac_bayes.mcallester(0.05, kl, m, delta)
+    prev = ls
+  assert pac_bayes.langford_seeger(0.05, 10, 10 * m, delta) < pac_bayes.langford_seeger(
+    0.05, 10, m, delta
+  )
+  assert pac_bayes.langford_seeger(0.05, 10, m, 0.01) > pac_bayes.langford_seeger(0.05, 10, m, 0.1)
+  assert pac_bayes.langford_seeger(0.10, 10, m, delta) > pac_bayes.langford_seeger(
+    0.05, 10, m, delta
+  )
+  # ln(2 sqrt(1000) / 0.05) = ln(1264.9) = 7.1428 (the notes round it to 7.1).
+  assert pac_bayes.complexity(0.0, m, delta) * m == pytest.approx(7.1428, abs=1e-4)
+
+
+def test_gaussian_kl_closed_forms():
+  assert pac_bayes.gaussian_kl(0.0, 1.0, 0.0, 1.0) == 0.0
+  # 1-D: 0.5 ((s^2 + d^2) / t^2 - 1 + ln(t^2 / s^2)).
+  assert pac_bayes.gaussian_kl(1.0, 0.5, 0.0, 2.0) == pytest.approx(
+    0.5 * ((0.25 + 1.0) / 4.0 - 1.0 + math.log(16.0))
+  )
+  mu = {'w': jnp.ones((2, 3)), 'b': jnp.zeros(3)}
+  sig = {'w': jnp.full((2, 3), 0.5), 'b': jnp.full(3, 0.5)}
+  zero = {'w': jnp.zeros((2, 3)), 'b': jnp.zeros(3)}
+  total = pac_bayes.gaussian_kl(mu, sig, zero, 1.0)
+  expect = 6 * 0.5 * (0.25 + 1 - 1 + math.log(4)) + 3 * 0.5 * (0.25 - 1 + math.log(4))
+  assert total == pytest.approx(expect)
+
+
+def test_mc_certificate_chains_the_two_bounds():
+  errs = np.full(100, 0.04)
+  out = pac_bayes.mc_certificate(errs, kl=50.0, m=1000, delta=0.025, delta_mc=0.01)
+  assert out['emp_mean'] == pytest.approx(0.04)
+  assert out['emp_upper'] == pytest.approx(pac_bayes.kl_inverse_upper(0.04, math.log(200) / 100))
+  assert out['bound'] == pytest.approx(pac_bayes.langford_seeger(out['emp_upper'], 50, 1000, 0.025))
+  assert out['bound'] > out['emp_upper'] > 0.04 and out['confidence'] == pytest.approx(0.965)
+
+
+def test_bad_input_is_named():
+  with pytest.raises(ValueError, match=r'delta .*\(0, 1\)'):
+    pac_bayes.langford_seeger(0.1, 1.0, 100, 1.0)
+  with pytest.raises(ValueError, match='delta_mc'):
+    pac_bayes.mc_certificate([0.1], 1.0, 100, 0.05, 0.0)
+  with pytest.raises(ValueError, match='emp_risk'):
+    pac_bayes.mcallester(1.5, 1.0, 100, 0.05)
+  with pytest.raises(ValueError, match='KL'):
+    pac_bayes.langford_seeger(0.1, -1.0, 100, 0.05)
+  with pytest.raises(ValueError, match='sample size'):
+    pac_bayes.langford_seeger(0.1, 1.0, 0, 0.05)
+  with pytest.raises(ValueError, match='standard deviations'):
+    pac_bayes.gaussian_kl(0.0, 0.0, 0.0, 1.0)

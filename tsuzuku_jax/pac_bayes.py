@@ -1,0 +1,171 @@
+"""PAC-Bayes bounds for Gaussian posteriors over network parameters.
+
+With probability >= 1 - delta over an i.i.d. sample S of size m, for every posterior Q
+(prior P fixed before seeing S):
+
+- Langford-Seeger (Maurer's constant):
+  kl(E_Q L_S || E_Q L_D) <= (KL(Q||P) + ln(2 sqrt(m)/delta)) / m,
+  so E_Q L_D <= kl^-1(E_Q L_S, that right-hand side) (`langford_seeger`);
+- McAllester (via Pinsker, looser): E_Q L_D <= E_Q L_S + sqrt((KL + ln(2 sqrt(m)/delta)) / (2m)).
+
+E_Q L_S is itself estimated from n sampled networks: with probability >= 1 - delta' it is
+at most kl^-1(mean sampled error, ln(2/delta') / n) (Langford & Caruana's sample convergence
+bound; `mc_certificate` chains both). Risks are 0-1 errors in [0, 1]. The arithmetic is done
+in float64 numpy on the host: these are a handful of scalars.
+"""
+
+import math
+
+import jax
+import numpy as np
+
+
+def _check_unit(x, name: str) -> float:
+  x = float(x)
+  if not 0.0 <= x <= 1.0 or math.isnan(x):
+    raise ValueError(f'{name} must be in [0, 1], got {x}')
+  return x
+
+
+def _check_delta(delta, name: str = 'delta') -> float:
+  delta = float(delta)
+  if not 0.0 < delta < 1.0:
+    raise ValueError(f'{name} (a confidence parameter) must be in (0, 1), got {delta}')
+  return delta
+
+
+def _check_m(m, name: str = 'm') -> int:
+  if int(m) != m or m < 1:
+    raise ValueError(f'{name} (a sample size) must be a positive integer, got {m}')
+  return int(m)
+
+
+def binary_kl(q, p) -> float:
+  """kl(q || p) = q ln(q/p) + (1-q) ln((1-q)/(1-p)) in nats, with 0 ln 0 = 0 (inf where p
+  is 0 or 1 and q is not)."""
+  q, p = _check_unit(q, 'q'), _check_unit(p, 'p')
+  out = 0.0
+  for a, b in ((q, p), (1.0 - q, 1.0 - p)):
+    if a > 0.0:
+      out += math.inf if b == 0.0 else a * math.log(a / b)
+  return max(out, 0.0)
+
+
+def _bisect(q, bound, lo, hi, iters):
+  """Bisection for the point of [lo, hi] where kl(q || .) crosses `bound`, kl(q || .) being
+  monotone there; returns the end of the final bracket beyond the crossing (kl > bound), so
+  the answer is rounded outward: a bound computed from it stays valid."""
+  inside, outside = (lo, hi) if binary_kl(q, lo) <= bound else (hi, lo)
+  for _ in range(iters):
+    mid = 0.5 * (inside + outside)
+    if mid in (inside, outside):
+      break
+    if binary_kl(q, mid) <= bound:
+      inside = mid
+    else:
+      outside = mid
+  return outside
+
+
+def _check_bound(bound) -> float:
+  bound = float(bound)
+  if math.isnan(bound):
+    raise ValueError('bound is nan')
+  return bound
+
+
+def kl_inverse_upper(q, bound, iters: int = 2000) -> float:
+  """The largest p in [q, 1] with kl(q || p) <= bound, by bisection (kl(q || .) increases on
+  [q, 1]), rounded up to the next float64 the bisection can tell apart. bound <= 0 gives q."""
+  q, bound = _check_unit(q, 'q'), _check_bound(bound)
+  if bound <= 0.0:
+    return q
+  if binary_kl(q, 1.0) <= bound:
+    return 1.0
+  return _bisect(q, bound, q, 1.0, iters)
+
+
+def kl_inverse_lower(q, bound, iters: int = 2000) -> float:
+  """The smallest p in [0, q] with kl(q || p) <= bound (a lower bound on the true risk),
+  bisected directly on [0, q] so that tiny answers keep their relative precision; rounded
+  down."""
+  q, bound = _check_unit(q, 'q'), _check_bound(bound)
+  if bound <= 0.0:
+    return q
+  if binary_kl(q, 0.0) <= bound:
+    return 0.0
+  return _bisect(q, bound, q, 0.0, iters)
+
+
+def complexity(kl, m, delta) -> float:
+  """(KL + ln(2 sqrt(m) / delta)) / m, the right-hand side of the Langford-Seeger bound."""
+  kl = float(kl)
+  if not kl >= 0.0:
+    raise ValueError(f'KL(Q||P) must be >= 0, got {kl}')
+  m, delta = _check_m(m), _check_delta(delta)
+  return (kl + math.log(2.0 * math.sqrt(m) / delta)) / m
+
+
+def langford_seeger(emp_risk, kl, m, delta) -> float:
+  """Upper bound on the expected risk E_Q L_D from E_Q L_S = emp_risk and KL(Q||P)."""
+  return kl_inverse_upper(_check_unit(emp_risk, 'emp_risk'), complexity(kl, m, delta))
+
+
+def mcallester(emp_risk, kl, m, delta) -> float:
+  """E_Q L_S + sqrt((KL + ln(2 sqrt(m)/delta)) / (2m)), capped at 1."""
+  emp = _check_unit(emp_risk, 'emp_risk')
+  return min(1.0, emp + math.sqrt(complexity(kl, m, delta) / 2.0))
+
+
+def gaussian_kl(mu_q, sigma_q, mu_p, sigma_p) -> float:
+  """KL(N(mu_q, diag sigma_q^2) || N(mu_p, diag sigma_p^2)) over pytrees (or arrays); a scalar
+  sigma broadcasts. 0.5 sum [(sigma_q^2 + (mu_q - mu_p)^2) / sigma_p^2 - 1 + ln(sigma_p^2 /
+  sigma_q^2)], summed in float64."""
+
+  def term(mq, sq, mp, sp):
+    mq, sq, mp, sp = (np.asarray(a, np.float64) for a in (mq, sq, mp, sp))
+    if np.any(sq <= 0) or np.any(sp <= 0):
+      raise ValueError('standard deviations must be > 0')
+    vq, vp = np.broadcast_to(sq**2, mq.shape), np.broadcast_to(sp**2, mq.shape)
+    return 0.5 * float(np.sum((vq + (mq - mp) ** 2) / vp - 1.0 + np.log(vp / vq)))
+
+  leaves = lambda t: jax.tree.leaves(t)  # noqa: E731
+  mq = leaves(mu_q)
+  sq, mp, sp = (
+    leaves(t) if len(leaves(t)) == len(mq) else [t] * len(mq) for t in (sigma_q, mu_p, sigma_p)
+  )
+  return sum(term(*a) for a in zip(mq, sq, mp, sp, strict=True))
+
+
+def union_delta(delta, count) -> float:
+  """The confidence each of `count` bounds gets when all must hold at once (union bound)."""
+  return _check_delta(delta) / _check_m(count, 'count')
+
+
+def mc_certificate(sampled_errors, kl, m, delta, delta_mc) -> dict:
+  """A certificate of the stochastic classifier's expected error from n sampled networks.
+
+  Args:
+    sampled_errors: (n,) training 0-1 error of each network theta ~ Q (on all m examples).
+    kl: KL(Q || P).
+    m: training examples the bound is on.
+    delta: confidence of the PAC-Bayes bound; delta_mc: of the sampling bound.
+
+  Returns:
+    dict with 'emp_mean' (mean sampled error), 'emp_upper' (kl^-1(mean, ln(2/delta_mc)/n): with
+    probability >= 1 - delta_mc an upper bound on E_Q L_S) and 'bound' (Langford-Seeger at
+    emp_upper: holds with probability >= 1 - delta - delta_mc).
+  """
+  errs = np.asarray(sampled_errors, np.float64).reshape(-1)
+  if errs.size < 1 or np.any((errs < 0) | (errs > 1)) or not np.all(np.isfinite(errs)):
+    raise ValueError('sampled_errors must be a non-empty array of errors in [0, 1]')
+  delta_mc = _check_delta(delta_mc, 'delta_mc')
+  mean = float(np.mean(errs))
+  upper = kl_inverse_upper(mean, math.log(2.0 / delta_mc) / errs.size)
+  return {
+    'emp_mean': mean,
+    'emp_upper': upper,
+    'samples': int(errs.size),
+    'bound': langford_seeger(upper, kl, m, delta),
+    'confidence': 1.0 - delta - delta_mc,
+  }
