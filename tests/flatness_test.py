@@ -140,3 +140,78 @@ def test_gauss_newton_diagonal_matches_dense_and_equals_h_for_a_linear_model(key
     h = flatness.exact_hessian(lin_loss, lin_params)
     gn = ravel_pytree(flatness.gauss_newton_diagonal(lin_apply, lin_params, lx))[0]
     np.testing.assert_allclose(gn, jnp.diag(h), rtol=1e-10, atol=1e-14)
+
+
+def _rescale(params, key, layerwise=None):
+  """A function-preserving rescaling of the ReLU MLP: layer-wise (alpha) or neuron-wise."""
+  out = jax.tree.map(lambda x: x, params)
+  for i in range(len(params) - 1):
+    h = params[f'l{i}']['b'].shape[0]
+    if layerwise is not None:
+      d = jnp.full(h, layerwise, params[f'l{i}']['b'].dtype)
+    else:
+      d = jnp.exp(jax.random.uniform(jax.random.fold_in(key, i), (h,), minval=-4.6, maxval=4.6))
+    out[f'l{i}'] = {'w': out[f'l{i}']['w'] * d, 'b': out[f'l{i}']['b'] * d}
+    out[f'l{i + 1}'] = {'w': out[f'l{i + 1}']['w'] / d[:, None], 'b': out[f'l{i + 1}']['b']}
+  return out
+
+
+@pytest.mark.parametrize('layerwise', [None, 10.0])
+def test_normalized_measures_are_invariant_to_rescaling(key, layerwise):
+  with jax.enable_x64(True):
+    _, params, apply, x = _mlp_loss(key)
+    y = jax.random.randint(jax.random.fold_in(key, 98), (16,), 0, 3)
+
+    def loss_of(p):
+      return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(apply(p, x)), y[:, None], -1))
+
+    scaled = _rescale(params, jax.random.fold_in(key, 3), layerwise)
+    np.testing.assert_allclose(apply(scaled, x), apply(params, x), rtol=1e-12, atol=1e-12)
+    probe = jax.random.fold_in(key, 4)
+    for p_ in (params, scaled):
+      flatness.check_params(p_)
+    kappa = [
+      ravel_pytree(flatness.normalized_diagonal(loss_of, p_, method='exact'))[0]
+      for p_ in (params, scaled)
+    ]
+    np.testing.assert_allclose(kappa[1], kappa[0], rtol=1e-10, atol=1e-14)
+    hut = [
+      flatness.normalized_diagonal(loss_of, p_, key=probe, num_probes=8) for p_ in (params, scaled)
+    ]
+    np.testing.assert_allclose(
+      ravel_pytree(hut[1])[0], ravel_pytree(hut[0])[0], rtol=1e-10, atol=1e-14
+    )
+    gn = [
+      ravel_pytree(
+        flatness.normalized_diagonal(loss_of, p_, method='gauss_newton', logits_fn=apply, images=x)
+      )[0]
+      for p_ in (params, scaled)
+    ]
+    np.testing.assert_allclose(gn[1], gn[0], rtol=1e-10, atol=1e-14)
+    tr = [
+      flatness.hutchinson_trace(flatness.normalized_op(loss_of, p_), p_, probe, 8).value
+      for p_ in (params, scaled)
+    ]
+    assert float(tr[1]) == pytest.approx(float(tr[0]), rel=1e-10)
+    so = [flatness.sigma_optimised(k, 1e-3) for k in (gn[0], gn[1])]
+    assert float(so[1]) == pytest.approx(float(so[0]), rel=1e-10)
+    # The raw Hessian trace is not invariant: it changes by orders of magnitude.
+    raw = [jnp.trace(flatness.exact_hessian(loss_of, p_)) for p_ in (params, scaled)]
+    assert max(raw[1] / raw[0], raw[0] / raw[1]) > 10
+
+
+def test_sigma_optimised_matches_a_numerical_minimum():
+  from scipy.optimize import minimize_scalar
+
+  lam = 0.3
+  kappa = np.array([1e-4, 0.02, 0.5, 3.0, 40.0])
+  total = 0.0
+  for k in kappa:
+    f = lambda t, k=k: 0.5 * np.exp(t) * k + 0.5 * lam * np.log1p(np.exp(-t))  # t = ln u
+    total += minimize_scalar(f, bounds=(-30, 30), method='bounded', options={'xatol': 1e-12}).fun
+  got = float(flatness.sigma_optimised({'k': jnp.asarray(kappa)}, lam))
+  assert got == pytest.approx(total, rel=1e-7)
+  # Non-positive kappa (flat or concave) contributes nothing; lam must be positive.
+  assert float(flatness.sigma_optimised({'k': jnp.asarray([0.0, -1.0])}, lam)) == 0.0
+  with pytest.raises(ValueError, match='lam'):
+    flatness.sigma_optimised({'k': jnp.asarray(kappa)}, 0.0)

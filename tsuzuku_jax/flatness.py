@@ -254,3 +254,61 @@ def top_eigenvalues(
 
 def num_params(params: PyTree) -> int:
   return int(sum(np.prod(jnp.shape(x)) for x in jax.tree.leaves(params)))
+
+
+# --- Measures -------------------------------------------------------------------------------
+
+
+def normalized_diagonal(
+  loss_fn: LossFn,
+  params: PyTree,
+  *,
+  method: str = 'hutchinson',
+  key: jax.Array | None = None,
+  num_probes: int = 100,
+  chunk: int = 16,
+  logits_fn: Callable | None = None,
+  images: jax.Array | None = None,
+) -> PyTree:
+  """kappa_i = theta_i^2 H_ii, the per-parameter terms of the normalized measures.
+
+  method: 'hutchinson' (diagonal of `normalized_op`, unbiased, can be negative; with the same
+  key it is exactly invariant to diagonal rescalings), 'exact' (n operator applications; tiny
+  models), or 'gauss_newton' (theta^2 times the Gauss-Newton diagonal: >= 0, needs
+  `logits_fn(params, images)` and `images`; the loss must be their mean cross-entropy).
+  Raw Hutchinson estimates of H_ii multiplied by theta^2 would not be invariant, and clamping
+  negative ones would break the invariance too: use one of these.
+  """
+  check_params(params)
+  if method == 'hutchinson':
+    if key is None:
+      raise ValueError("method='hutchinson' needs a PRNG key")
+    op = normalized_op(loss_fn, params)
+    return hutchinson_diagonal(op, params, key, num_probes, chunk).value
+  if method == 'exact':
+    return exact_diagonal(normalized_op(loss_fn, params), params)
+  if method == 'gauss_newton':
+    if logits_fn is None or images is None:
+      raise ValueError("method='gauss_newton' needs logits_fn and images")
+    g = gauss_newton_diagonal(logits_fn, params, images)
+    return jax.tree.map(lambda t, d: jnp.square(t) * d, params, g)
+  raise ValueError(f"method must be 'hutchinson', 'exact' or 'gauss_newton', got {method!r}")
+
+
+def sigma_optimised(kappa: PyTree, lam: float) -> jax.Array:
+  """The sigma-optimised normalized measure (a reconstruction, see the README): per
+  parameter, min over sigma of 0.5 sigma^2 H_ii + lam * 0.5 ln(1 + theta_i^2 / sigma^2),
+  the second-order expected loss increase plus lam times the KL term with the best
+  per-coordinate prior. With u = sigma^2 / theta^2 the minimiser solves u^2 + u = lam / kappa,
+  and the minimum, 0.5 u kappa + 0.5 lam ln(1 + 1/u), depends on kappa_i only (invariant).
+  kappa_i <= 0 (flat or concave directions) contributes 0.
+  """
+  if not lam > 0:
+    raise ValueError(f'lam must be > 0, got {lam}')
+  k = jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(kappa)])
+  pos = k > 0
+  ks = jnp.where(pos, k, 1.0)
+  r = lam / ks
+  u = 2 * r / (1 + jnp.sqrt(1 + 4 * r))  # (-1 + sqrt(1 + 4r)) / 2, cancellation-free
+  val = 0.5 * u * ks + 0.5 * lam * jnp.log1p(1 / u)
+  return jnp.sum(jnp.where(pos, val, 0.0))
