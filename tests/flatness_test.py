@@ -215,3 +215,62 @@ def test_sigma_optimised_matches_a_numerical_minimum():
   assert float(flatness.sigma_optimised({'k': jnp.asarray([0.0, -1.0])}, lam)) == 0.0
   with pytest.raises(ValueError, match='lam'):
     flatness.sigma_optimised({'k': jnp.asarray(kappa)}, 0.0)
+
+
+def test_filter_wise_measure_is_invariant_behind_batch_norm(key):
+  with jax.enable_x64(True):
+    k1, k2, k3 = jax.random.split(key, 3)
+    params = {
+      'w1': jax.random.normal(k1, (5, 6), jnp.float64),
+      'w2': jax.random.normal(k2, (6, 3), jnp.float64),
+      'b2': jnp.zeros(3, jnp.float64),
+    }
+    x = jax.random.normal(k3, (32, 5), jnp.float64)
+    y = jax.random.randint(k3, (32,), 0, 3)
+
+    def apply(p, x):
+      h = x @ p['w1']
+      h = (h - h.mean(0)) / jnp.sqrt(h.var(0))  # batch norm with batch statistics, eps 0
+      return jax.nn.relu(h) @ p['w2'] + p['b2']
+
+    def loss(p):
+      return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(apply(p, x)), y[:, None], -1))
+
+    c = jnp.exp(jax.random.uniform(jax.random.fold_in(key, 5), (6,), minval=-3, maxval=3))
+    scaled = {**params, 'w1': params['w1'] * c}
+    assert float(loss(scaled)) == pytest.approx(float(loss(params)), rel=1e-12)
+    probe = jax.random.fold_in(key, 6)
+    est = [
+      flatness.hutchinson_trace(flatness.filter_normalized_op(loss, p), p, probe, 16).value
+      for p in (params, scaled)
+    ]
+    assert float(est[1]) == pytest.approx(float(est[0]), rel=1e-10)
+    # Its exact value: sum over filters of ||w_f||^2 tr(H_ff), plus the 1-D leaf's terms.
+    h = flatness.exact_hessian(loss, params)
+    flat_s = ravel_pytree(flatness.filter_scales(params))[0]
+    exact = float(jnp.sum(flat_s**2 * jnp.diag(h)))
+    exact_op = ravel_pytree(
+      flatness.exact_diagonal(flatness.filter_normalized_op(loss, params), params)
+    )[0]
+    assert float(jnp.sum(exact_op)) == pytest.approx(exact, rel=1e-10)
+    # The raw trace of the scaled block is not invariant.
+    h2 = flatness.exact_hessian(loss, scaled)
+    assert abs(float(jnp.trace(h2[:30, :30]) / jnp.trace(h[:30, :30])) - 1) > 0.1
+
+
+def test_matrix_norm_products_see_neuron_wise_but_not_layer_wise_rescaling(key):
+  with jax.enable_x64(True):
+    _, params, apply, _ = _mlp_loss(key, widths=(5, 7, 3))
+    ws = lambda p: [p[f'l{i}']['w'] for i in range(len(p))]  # noqa: E731
+    base = flatness.matrix_norm_products(ws(params))
+    layer = flatness.matrix_norm_products(ws(_rescale(params, key, layerwise=10.0)))
+    neuron = flatness.matrix_norm_products(ws(_rescale(params, key)))
+    for k in base:
+      assert layer[k] == pytest.approx(base[k], rel=1e-10)
+      assert abs(neuron[k] / base[k] - 1) > 0.5
+    # The path-norm is invariant to both (each path's product of weights is unchanged), when
+    # there are no biases along the path.
+    nob = {k: {'w': v['w'], 'b': jnp.zeros_like(v['b'])} for k, v in params.items()}
+    pn = flatness.path_norm(apply, nob, (5,))
+    assert pn > 0
+    assert flatness.path_norm(apply, _rescale(nob, key), (5,)) == pytest.approx(pn, rel=1e-10)

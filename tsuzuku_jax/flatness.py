@@ -312,3 +312,50 @@ def sigma_optimised(kappa: PyTree, lam: float) -> jax.Array:
   u = 2 * r / (1 + jnp.sqrt(1 + 4 * r))  # (-1 + sqrt(1 + 4r)) / 2, cancellation-free
   val = 0.5 * u * ks + 0.5 * lam * jnp.log1p(1 / u)
   return jnp.sum(jnp.where(pos, val, 0.0))
+
+
+def filter_scales(params: PyTree) -> PyTree:
+  """Per-element scale s: for a weight of 2 or more dimensions (Dense (in, out), Conv
+  (kh, kw, in, out)), the L2 norm of its output filter (all axes but the last) broadcast over
+  the filter; for a 1-D leaf (bias, batch-norm scale) its absolute values."""
+
+  def scale(t):
+    if jnp.ndim(t) >= 2:
+      axes = tuple(range(jnp.ndim(t) - 1))
+      return jnp.broadcast_to(jnp.sqrt(jnp.sum(jnp.square(t), axes, keepdims=True)), t.shape)
+    return jnp.abs(t)
+
+  return jax.tree.map(scale, params)
+
+
+def filter_normalized_op(loss_fn: LossFn, params: PyTree) -> Operator:
+  """v -> s * H (s * v) with s = `filter_scales(params)`: its trace is the filter-wise
+  normalized measure sum_f ||w_f||^2 tr(H_ff) (plus sum_i theta_i^2 H_ii over 1-D leaves).
+
+  Scaling a filter w_f -> c w_f (invisible behind a batch norm) scales s by c and H_ff by
+  1 / c^2, so the operator, and any estimate with the same probes, is unchanged.
+  """
+  op = hessian_op(loss_fn, params)
+  s = filter_scales(params)
+  scale = lambda t: jax.tree.map(jnp.multiply, s, t)  # noqa: E731
+  return lambda v: scale(op(scale(v)))
+
+
+def matrix_norm_products(weights: list[jax.Array]) -> dict:
+  """The matrix-norm baselines: products over layers of the spectral and of the Frobenius
+  norms of each weight, reshaped to (fan_in, out) (a conv kernel's spectral norm here is
+  that of its reshaped matrix, not of the convolution). They are invariant to layer-wise
+  rescaling (alpha W_1, W_2 / alpha) but not to neuron-wise rescaling."""
+  spectral, frobenius = 1.0, 1.0
+  for w in weights:
+    m = jnp.reshape(w, (-1, jnp.shape(w)[-1]))
+    spectral *= float(jnp.linalg.norm(m, 2))
+    frobenius *= float(jnp.linalg.norm(m))
+  return {'spectral_product': spectral, 'frobenius_product': frobenius}
+
+
+def path_norm(apply_fn: Callable[[PyTree, jax.Array], jax.Array], params: PyTree, shape) -> float:
+  """The (squared) path-norm of a ReLU network: the summed outputs of the network with every
+  parameter squared on an all-ones input of `shape` (one example), as in Jiang et al."""
+  squared = jax.tree.map(jnp.square, params)
+  return float(jnp.sum(apply_fn(squared, jnp.ones((1, *shape)))))
