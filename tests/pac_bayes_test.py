@@ -88,3 +88,14 @@ def test_bad_input_is_named():
     pac_bayes.langford_seeger(0.1, 1.0, 0, 0.05)
   with pytest.raises(ValueError, match='standard deviations'):
     pac_bayes.gaussian_kl(0.0, 0.0, 0.0, 1.0)
+
+
+def test_optimal_sigma_ratio_solves_its_first_order_condition():
+  lam = 0.3
+  kappa = jnp.asarray([1e-9, 0.02, 0.5, 3.0, 4e4])
+  u = pac_bayes.optimal_sigma_ratio(kappa, lam)
+  np.testing.assert_allclose(u**2 + u, lam / kappa, rtol=1e-5)
+  # A small step either way raises the objective: a minimum.
+  obj = lambda v: 0.5 * v * kappa + 0.5 * lam * jnp.log1p(1 / v)  # noqa: E731
+  assert np.all(obj(u) <= obj(u * 1.01)) and np.all(obj(u) <= obj(u * 0.99))
+  assert float(pac_bayes.optimal_sigma_ratio(jnp.asarray([0.0]), lam)[0]) == math.inf

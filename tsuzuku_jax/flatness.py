@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from tsuzuku_jax import pac_bayes
+
 PyTree = Any
 LossFn = Callable[[PyTree], jax.Array]  # params -> scalar loss
 Operator = Callable[[PyTree], PyTree]  # a symmetric linear map on parameter-shaped pytrees
@@ -296,22 +298,13 @@ def normalized_diagonal(
 
 
 def sigma_optimised(kappa: PyTree, lam: float) -> jax.Array:
-  """The sigma-optimised normalized measure (a reconstruction, see the README): per
-  parameter, min over sigma of 0.5 sigma^2 H_ii + lam * 0.5 ln(1 + theta_i^2 / sigma^2),
-  the second-order expected loss increase plus lam times the KL term with the best
-  per-coordinate prior. With u = sigma^2 / theta^2 the minimiser solves u^2 + u = lam / kappa,
-  and the minimum, 0.5 u kappa + 0.5 lam ln(1 + 1/u), depends on kappa_i only (invariant).
-  kappa_i <= 0 (flat or concave directions) contributes 0.
+  """The sigma-optimised normalized measure (a reconstruction, see the README): the sum over
+  parameters of min over sigma_i of 0.5 sigma_i^2 H_ii + lam * 0.5 ln(1 + theta_i^2 /
+  sigma_i^2) (`pac_bayes.second_order_objective`), which depends on kappa_i = theta_i^2 H_ii
+  only and so is invariant. kappa_i <= 0 (flat or concave directions) contributes 0.
   """
-  if not lam > 0:
-    raise ValueError(f'lam must be > 0, got {lam}')
   k = jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(kappa)])
-  pos = k > 0
-  ks = jnp.where(pos, k, 1.0)
-  r = lam / ks
-  u = 2 * r / (1 + jnp.sqrt(1 + 4 * r))  # (-1 + sqrt(1 + 4r)) / 2, cancellation-free
-  val = 0.5 * u * ks + 0.5 * lam * jnp.log1p(1 / u)
-  return jnp.sum(jnp.where(pos, val, 0.0))
+  return pac_bayes.second_order_objective(k, lam)
 
 
 def filter_scales(params: PyTree) -> PyTree:

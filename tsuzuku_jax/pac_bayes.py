@@ -17,6 +17,7 @@ in float64 numpy on the host: these are a handful of scalars.
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -169,3 +170,28 @@ def mc_certificate(sampled_errors, kl, m, delta, delta_mc) -> dict:
     'bound': langford_seeger(upper, kl, m, delta),
     'confidence': 1.0 - delta - delta_mc,
   }
+
+
+def optimal_sigma_ratio(kappa: jax.Array, lam: float) -> jax.Array:
+  """u_i = sigma_i^2 / theta_i^2 minimising 0.5 sigma^2 H_ii + lam * 0.5 ln(1 + theta^2/sigma^2)
+  (second-order expected loss increase plus lam times the KL with the best per-coordinate
+  prior variance sigma^2 + theta^2): the positive root of u^2 + u = lam / kappa_i, for
+  kappa_i = theta_i^2 H_ii > 0 (inf where kappa_i <= 0: no curvature, no noise limit)."""
+  if not lam > 0:
+    raise ValueError(f'lam must be > 0, got {lam}')
+  kappa = jnp.asarray(kappa)
+  pos = kappa > 0
+  r = lam / jnp.where(pos, kappa, 1.0)
+  u = 2 * r / (1 + jnp.sqrt(1 + 4 * r))  # (-1 + sqrt(1 + 4r)) / 2 without cancellation
+  return jnp.where(pos, u, jnp.inf)
+
+
+def second_order_objective(kappa: jax.Array, lam: float) -> jax.Array:
+  """sum_i min over sigma_i of the objective of `optimal_sigma_ratio`:
+  0.5 u_i kappa_i + 0.5 lam ln(1 + 1/u_i), 0 where kappa_i <= 0."""
+  kappa = jnp.asarray(kappa)
+  u = optimal_sigma_ratio(kappa, lam)
+  pos = kappa > 0
+  us = jnp.where(pos, u, 1.0)
+  val = 0.5 * us * jnp.where(pos, kappa, 0.0) + 0.5 * lam * jnp.log1p(1 / us)
+  return jnp.sum(jnp.where(pos, val, 0.0))
