@@ -2,8 +2,8 @@
 sensitivity, and (in progress) normalized flat minima.
 
 Modules: `data`, `models`, `lipschitz`, `lmt`, `attacks`, `train_lib`, `plotting` (LMT);
-`compression`, `variance`, `collectives`, `data_parallel` (VGC); `fourier`; `flatness`, `pac_bayes`
-(in progress).
+`compression`, `variance`, `collectives`, `data_parallel` (VGC); `fourier`; `flatness`, `pac_bayes`,
+`rank_correlation` (in progress).
 """
 
 from tsuzuku_jax import (
@@ -19,6 +19,7 @@ from tsuzuku_jax import (
   models,
   pac_bayes,
   plotting,
+  rank_correlation,
   train_lib,
   variance,
 )
@@ -65,6 +66,7 @@ __all__ = [
   'pairwise_row_certificate',
   'pgd_l2',
   'plotting',
+  'rank_correlation',
   'power_iteration',
   'power_iteration_step',
   'robust_accuracy',
