@@ -134,17 +134,19 @@ def run_model(name: str, args) -> tuple[dict, list[str]]:
   k = args.probes
   probes = flatness.rademacher_probes(jax.random.fold_in(key, 4), params, k)
   one = jax.tree.map(lambda a: a[0], probes)
+  # Parameters are jit arguments, not closed-over constants: XLA would constant-fold through
+  # them (a CNN's max-pool under vmap then takes minutes to compile).
   grad = jax.jit(jax.grad(loss))
-  hvp = jax.jit(lambda v: flatness.hvp(loss, params, v))
-  vmapped = jax.jit(jax.vmap(lambda v: flatness.hvp(loss, params, v)))
-  linear = jax.jit(lambda vs: jax.vmap(flatness.hessian_op(loss, params))(vs))
+  hvp = jax.jit(lambda p, v: flatness.hvp(loss, p, v))
+  vmapped = jax.jit(lambda p, vs: jax.vmap(lambda v: flatness.hvp(loss, p, v))(vs))
+  linear = jax.jit(lambda p, vs: jax.vmap(flatness.hessian_op(loss, p))(vs))
   singles = [jax.tree.map(lambda a, i=i: a[i], probes) for i in range(k)]
   fns = {
     'grad': lambda: grad(params),
-    'hvp': lambda: hvp(one),
-    'vmap': lambda: vmapped(probes),
-    'linearized_vmap': lambda: linear(probes),
-    'loop': lambda: [hvp(s) for s in singles],
+    'hvp': lambda: hvp(params, one),
+    'vmap': lambda: vmapped(params, probes),
+    'linearized_vmap': lambda: linear(params, probes),
+    'loop': lambda: [hvp(params, s) for s in singles],
   }
   compile_s = {n: timed(f)[1] for n, f in fns.items()}
   times = {n: [] for n in fns}
