@@ -15,6 +15,12 @@ operators `op(v)` over pytrees shaped like the parameters:
 - `lanczos` / `top_eigenvalues`: Lanczos with full re-orthogonalisation.
 - `gauss_newton_diagonal`: the exact, non-negative Gauss-Newton diagonal for cross-entropy.
 - `exact_hessian` / `exact_diagonal`: dense references for tiny models (tests).
+
+On anything larger than a tiny model, build the operator inside a jit that takes the
+parameters as an argument, e.g.
+`jax.jit(lambda p: hutchinson_trace(normalized_op(loss_fn, p), p, key).value)(params)`:
+parameters closed over as constants let XLA constant-fold through the network (a CNN's
+max-pool under vmap then takes minutes to compile).
 """
 
 from collections.abc import Callable
