@@ -51,6 +51,38 @@ def timed(fn: Callable, *args):
   return out, time.perf_counter() - t0
 
 
+def interleaved_times(fns: dict, init: dict, repeats: int, k: int, advance: bool) -> dict:
+  """Median-ready per-call times: {name: [seconds per call, one per repeat]}.
+
+  Each repeat runs every function `k` times (rotating which goes first) and blocks at the end.
+  With `advance`, a function's output replaces its first argument (a train step's state).
+  """
+  args = dict(init)
+  times = {name: [] for name in fns}
+  names = list(fns)
+  for r in range(repeats):
+    shift = r % len(names)
+    for name in names[shift:] + names[:shift]:
+      fn, a = fns[name], args[name]
+      t0 = time.perf_counter()
+      for _ in range(k):
+        out = fn(*a)
+        if advance:
+          a = (out[0], *a[1:])
+      jax.block_until_ready(out)
+      times[name].append((time.perf_counter() - t0) / k)
+      args[name] = a
+  return times
+
+
+def calls_per_repeat(fn: Callable, args: tuple, k: int, min_repeat_s: float) -> int:
+  """`k`, raised (up to 1000) so that k calls of a warm `fn` last at least `min_repeat_s`."""
+  if min_repeat_s <= 0:
+    return k
+  _, once = timed(fn, *args)
+  return max(k, min(1000, math.ceil(min_repeat_s / max(once, 1e-9))))
+
+
 def summary(times: list[float]) -> dict:
   ms = [1e3 * t for t in times]
   return {'median_ms': statistics.median(ms), 'min_ms': min(ms), 'times_ms': ms}

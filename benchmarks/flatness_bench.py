@@ -22,11 +22,10 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+from jax.flatten_util import ravel_pytree
 
 _ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
 sys.path.insert(0, _ROOT)
@@ -36,6 +35,7 @@ from benchmarks.bench_util import (  # noqa: E402
   device_info,
   fail,
   format_table,
+  interleaved_times,
   save_results,
   summary,
   timed,
@@ -89,36 +89,23 @@ def _loss(model, variables, x, y):
   return loss
 
 
-def _tree_dot(a, b):
-  return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
-
-
-def _tree_vdot(a, b):
-  return float(_tree_dot(a, b))
-
-
-def _norm(a) -> float:
-  return float(np.sqrt(sum(float(jnp.sum(jnp.square(x))) for x in jax.tree.leaves(a))))
-
-
 def check(loss, params, key) -> list[str]:
   ku, kv = jax.random.split(key)
   u = flatness.rademacher_probes(ku, params, 1)
   v = flatness.rademacher_probes(kv, params, 1)
   u, v = jax.tree.map(lambda a: a[0], u), jax.tree.map(lambda a: a[0], v)
-  hvp = jax.jit(lambda w: flatness.hvp(loss, params, w))
-  hv, hu = hvp(v), hvp(u)
-  uhv, vhu = _tree_vdot(u, hv), _tree_vdot(v, hu)
+  hvp = jax.jit(lambda p, w: flatness.hvp(loss, p, w))
+  flat = lambda t: ravel_pytree(t)[0]  # noqa: E731
+  hv, hu = hvp(params, v), hvp(params, u)
+  uhv, vhu = float(flat(u) @ flat(hv)), float(flat(v) @ flat(hu))
   failures = []
   if abs(uhv - vhu) > 1e-3 * abs(uhv) + 1e-6:
     failures.append(f'HVP not symmetric: u.Hv = {uhv:.6g}, v.Hu = {vhu:.6g}')
   # An independent differentiation order: reverse over reverse, grad of <grad L, v>.
-  rr = jax.jit(jax.grad(lambda p: _tree_dot(jax.grad(loss)(p), v)))(params)
-  err = _norm(jax.tree.map(jnp.subtract, hv, rr))
-  if not err <= 1e-3 * _norm(rr) + 1e-6:
-    failures.append(
-      f'forward-over-reverse vs reverse-over-reverse: relative error {err / _norm(rr):.3g}'
-    )
+  rr = flat(jax.jit(jax.grad(lambda p: flat(jax.grad(loss)(p)) @ flat(v)))(params))
+  err, ref = float(jnp.linalg.norm(flat(hv) - rr)), float(jnp.linalg.norm(rr))
+  if not err <= 1e-3 * ref + 1e-6:
+    failures.append(f'forward-over-reverse vs reverse-over-reverse: relative error {err / ref:.3g}')
   return failures
 
 
@@ -149,16 +136,7 @@ def run_model(name: str, args) -> tuple[dict, list[str]]:
     'loop': lambda: [hvp(params, s) for s in singles],
   }
   compile_s = {n: timed(f)[1] for n, f in fns.items()}
-  times = {n: [] for n in fns}
-  names = list(fns)
-  for r in range(args.repeats):
-    shift = r % len(names)
-    for n in names[shift:] + names[:shift]:
-      t0 = time.perf_counter()
-      for _ in range(args.calls):
-        out = fns[n]()
-      jax.block_until_ready(out)
-      times[n].append((time.perf_counter() - t0) / args.calls)
+  times = interleaved_times(fns, {n: () for n in fns}, args.repeats, args.calls, advance=False)
   med = {n: statistics.median(t) for n, t in times.items()}
   n_params = flatness.num_params(params)
   res = {

@@ -42,10 +42,12 @@ _ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
 sys.path.insert(0, _ROOT)
 
 from benchmarks.bench_util import (  # noqa: E402
+  calls_per_repeat,
   describe,
   device_info,
   fail,
   format_table,
+  interleaved_times,
   save_results,
   summary,
   timed,
@@ -175,16 +177,9 @@ def _inference(logits_fn, x, y, batch_sizes, repeats):
   rows = {}
   for b in batch_sizes:
     xb, yb = jnp.asarray(x[:b]), jnp.asarray(y[:b])
-    timed(infer, xb, yb)
-    _, once = timed(infer, xb, yb)
-    calls = max(1, min(100, int(np.ceil(0.5 / max(once, 1e-9)))))
-    times = []
-    for _ in range(repeats):
-      t0 = time.perf_counter()
-      for _ in range(calls):
-        out = infer(xb, yb)
-      jax.block_until_ready(out)
-      times.append((time.perf_counter() - t0) / calls)
+    timed(infer, xb, yb)  # compile
+    calls = calls_per_repeat(infer, (xb, yb), 1, 0.5)
+    times = interleaved_times({b: infer}, {b: (xb, yb)}, repeats, calls, advance=False)[b]
     rows[b] = {**summary(times), 'images_per_s': b / statistics.median(times)}
   return rows
 

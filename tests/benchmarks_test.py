@@ -1,24 +1,18 @@
 """Tests for benchmarks/lmt_bench.py: a smoke run end to end, and a check that can fail."""
 
-import importlib.util
 import json
-import os
 
 import jax
 import jax.numpy as jnp
 import pytest
+from launcher import load_benchmark
 
 from tsuzuku_jax import lmt, models
-
-_PATH = os.path.join(os.path.dirname(__file__), '..', 'benchmarks', 'lmt_bench.py')
 
 
 @pytest.fixture(scope='module')
 def bench():
-  spec = importlib.util.spec_from_file_location('lmt_bench', _PATH)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_benchmark('lmt_bench')
 
 
 def test_smoke_run_writes_json(bench, tmp_path, capsys):

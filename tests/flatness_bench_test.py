@@ -1,23 +1,17 @@
 """Tests for benchmarks/flatness_bench.py: a smoke run, a correctness check that fails, flags."""
 
-import importlib.util
 import json
-import os
 
 import jax
 import pytest
+from launcher import load_benchmark
 
 from tsuzuku_jax import flatness
-
-_PATH = os.path.join(os.path.dirname(__file__), '..', 'benchmarks', 'flatness_bench.py')
 
 
 @pytest.fixture(scope='module')
 def bench():
-  spec = importlib.util.spec_from_file_location('flatness_bench', _PATH)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_benchmark('flatness_bench')
 
 
 def test_smoke_run_writes_json(bench, tmp_path, capsys):

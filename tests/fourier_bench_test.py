@@ -1,24 +1,18 @@
 """Tests for benchmarks/fourier_bench.py: a smoke run end to end, a check that can fail, flags."""
 
-import importlib.util
 import json
-import os
 
 import jax
 import numpy as np
 import pytest
+from launcher import load_benchmark
 
 from tsuzuku_jax import fourier
-
-_PATH = os.path.join(os.path.dirname(__file__), '..', 'benchmarks', 'fourier_bench.py')
 
 
 @pytest.fixture(scope='module')
 def bench():
-  spec = importlib.util.spec_from_file_location('fourier_bench', _PATH)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_benchmark('fourier_bench')
 
 
 def test_smoke_run_writes_json(bench, tmp_path, capsys):

@@ -1,5 +1,7 @@
-"""Runs an experiments/ launcher in a subprocess on the CPU, as a user would from a shell."""
+"""Runs an experiments/ launcher in a subprocess on the CPU, as a user would from a shell; loads
+a benchmarks/ script as a module (its main(argv) is then called in-process)."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -18,3 +20,12 @@ def run_script(script: str, *args: str, check: bool = True, devices: int = 1):
   if check and proc.returncode:
     raise AssertionError(proc.stdout + proc.stderr)
   return proc
+
+
+def load_benchmark(name: str):
+  """The module benchmarks/{name}.py, loaded from its path (benchmarks/ is not a package)."""
+  path = os.path.join(os.path.dirname(__file__), '..', 'benchmarks', f'{name}.py')
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module

@@ -1,12 +1,12 @@
 """Tests for benchmarks/vgc_bench.py: a smoke run end to end, checks that can fail, bad flags."""
 
 import dataclasses
-import importlib.util
 import json
 import os
 
 import jax
 import pytest
+from launcher import load_benchmark
 
 from tsuzuku_jax import compression
 
@@ -17,10 +17,7 @@ _SMOKE = ['--smoke', '--sizes=4096', '--methods=vgc,topk', '--models=mlp']
 
 @pytest.fixture(scope='module')
 def bench():
-  spec = importlib.util.spec_from_file_location('vgc_bench', _PATH)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_benchmark('vgc_bench')
 
 
 def test_smoke_run_writes_json(bench, tmp_path, capsys):

@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tsuzuku_jax import attacks
+
 LogitsFn = Callable[[jax.Array], jax.Array]
 MODES = ('random_sign', 'per_channel')
 
@@ -434,8 +436,7 @@ def random_perturbations(key: jax.Array, shape, eps: float, count: int, norm: st
   if norm == 'linf':
     return eps * jax.random.rademacher(key, (count, *shape), jnp.float32)
   g = jax.random.normal(key, (count, *shape))
-  norms = jnp.sqrt(jnp.sum(jnp.square(g), axis=tuple(range(1, g.ndim)), keepdims=True))
-  return eps * g / norms
+  return eps * g / attacks.l2_norm(g).reshape(-1, *(1,) * len(shape))
 
 
 def calibrate_eps(
@@ -475,7 +476,7 @@ def calibrate_eps(
     )
 
   flat = images.reshape(images.shape[0], -1)
-  scale = jnp.max(jnp.abs(flat), 1) if norm == 'linf' else jnp.linalg.norm(flat, axis=1)
+  scale = jnp.max(jnp.abs(flat), 1) if norm == 'linf' else attacks.l2_norm(images)
   lo, lo_rate, hi = 0.0, rate(0.0), max(float(jnp.mean(scale)), 1e-6)
   if lo_rate > target:
     raise ValueError(f'{lo_rate:.3f} of the images are misclassified with no perturbation')
