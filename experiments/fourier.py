@@ -90,8 +90,11 @@ def _validate() -> tuple[list[float | None], list[tuple[str, float]]]:
     raise app.UsageError('give at least one norm in --eps or --linf_equivalent')
   if not 0 <= _RANDOM_TARGET.value < 1:
     raise app.UsageError(f'--random_target must be in [0, 1), got {_RANDOM_TARGET.value}')
-  if _HEAT_N.value < 0 or _HELD_N.value < 0 or _SHIFT_STRIDE.value < 1:
-    raise app.UsageError('--heat_map_images and --heldout_images must be >= 0, --shift_stride >= 1')
+  for flag in (_HEAT_N, _HELD_N):
+    if flag.value < 0:
+      raise app.UsageError(f'--{flag.name} must be >= 0 (0: all), got {flag.value}')
+  if _SHIFT_STRIDE.value < 1:
+    raise app.UsageError(f'--shift_stride must be >= 1, got {_SHIFT_STRIDE.value}')
   if not all(v.isdigit() and int(v) > 0 for v in _CHANNELS.value):
     raise app.UsageError(f'--channels must be positive integers, got {_CHANNELS.value}')
   if _SEARCH_N.value < 1 or _RANDOM.value < 1:
@@ -120,7 +123,10 @@ def main(argv):
     log_every=max(_STEPS.value // 5, 1),
     checkpoint_every=_STEPS.value,
   )
-  state = train_lib.train(model, config, xtr, ytr, os.path.join(_WORKDIR.value, 'model'))
+  try:
+    state = train_lib.train(model, config, xtr, ytr, os.path.join(_WORKDIR.value, 'model'))
+  except train_lib.CheckpointMismatch as e:
+    sys.exit(f'error: --workdir: {e}')
   logits_fn = jax.jit(train_lib.logits_fn(model, jax.device_get(state)))
   query = jax.jit(lambda x: jnp.argmax(logits_fn(x), -1))
   pred = np.concatenate([np.asarray(query(xte[i : i + 1000])) for i in range(0, len(xte), 1000)])

@@ -144,6 +144,8 @@ def main(argv):
       )
     except train_lib.TrainingDiverged as e:
       sys.exit(f'error: {name} run diverged: {e}')
+    except train_lib.CheckpointMismatch as e:
+      sys.exit(f'error: --workdir: {e}')
     train_seconds = time.time() - t0
     state = jax.device_get(state)
     variables = train_lib.variables_of(state)

@@ -26,6 +26,7 @@ def _run(*args, check=True):
     ('--linf_equivalent=4/0', '--linf_equivalent'),
     ('--random_target=1', '--random_target'),
     ('--shift_stride=0', '--shift_stride'),
+    ('--heldout_images=-1', '--heldout_images'),
   ],
 )
 def test_bad_flag_gives_one_clear_line(tmp_path, flag, message):
@@ -53,3 +54,11 @@ def test_tiny_run(tmp_path):
   assert results['heat_map_images'] == 450 and results['heldout_images'] == 194
   assert len(results['heat_map_error']) == 8
   assert (tmp_path / 'fourier.png').stat().st_size > 0
+  # The same workdir with another model: one line naming it, nothing written is lost.
+  before = (tmp_path / 'results.json').read_bytes()
+  proc = _run(
+    f'--flagfile={FLAGFILE}', f'--workdir={tmp_path}', *TINY, '--channels=2,4', check=False
+  )
+  assert proc.returncode != 0 and '--workdir' in proc.stderr and 'Traceback' not in proc.stderr
+  assert (tmp_path / 'results.json').read_bytes() == before
+  assert os.listdir(tmp_path / 'model' / 'checkpoints') == ['30']

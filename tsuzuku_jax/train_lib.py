@@ -71,6 +71,10 @@ class TrainConfig:
         raise ValueError(msg)
 
 
+class CheckpointMismatch(ValueError):
+  """The workdir holds a checkpoint of another model or optimiser (left untouched on disk)."""
+
+
 class TrainingDiverged(FloatingPointError):
   """The loss became NaN or Inf; the last good checkpoint is kept."""
 
@@ -193,7 +197,7 @@ def restore_latest(workdir: str, state: TrainState, config: TrainConfig) -> Trai
   stored = sorted(str(tuple(m.shape)) for m in jax.tree.leaves(mngr.item_metadata(step)))
   wanted = sorted(str(tuple(a.shape)) for a in jax.tree.leaves(abstract))
   if stored != wanted:
-    raise ValueError(
+    raise CheckpointMismatch(
       f'the checkpoint at step {step} in {workdir}/checkpoints does not match this model and '
       f'optimiser ({len(stored)} stored arrays vs {len(wanted)} expected, or different '
       'shapes); use a new --workdir'
@@ -202,7 +206,7 @@ def restore_latest(workdir: str, state: TrainState, config: TrainConfig) -> Trai
     restored = mngr.restore(step, args=ocp.args.StandardRestore(abstract))
   except (ValueError, KeyError, TypeError) as e:
     # Left untouched on disk: use another workdir for a different model or optimiser.
-    raise ValueError(
+    raise CheckpointMismatch(
       f'the checkpoint at step {step} in {workdir}/checkpoints does not match this model and '
       f'optimiser ({type(e).__name__}: {str(e)[:300]}); use a new --workdir'
     ) from e
