@@ -116,3 +116,30 @@ def test_checkpoint_of_another_model_is_refused_and_kept(tmp_path, digits):
   with pytest.raises(ValueError, match='does not match this model.*new --workdir'):
     train_lib.train(models.MLP(hidden=(32,)), config, x, y, str(tmp_path), log=lambda s: None)
   assert os.listdir(tmp_path / 'checkpoints') == ['5']
+
+
+def test_until_stops_at_a_logging_step_and_a_resume_returns_at_once(tmp_path, digits):
+  x, y = digits
+  config = _config(steps=40, c=0.0, schedule='constant', log_every=5, checkpoint_every=100)
+  model = models.MLP(hidden=(16,))
+  full = train_lib.train(model, config, x, y, str(tmp_path / 'full'), log=lambda s: None)
+  calls = []
+
+  def until(state):
+    calls.append(int(state.step))
+    return int(state.step) >= 15
+
+  stopped = train_lib.train(
+    model, config, x, y, str(tmp_path / 'cut'), log=lambda s: None, until=until
+  )
+  assert int(stopped.step) == 15 and calls == [5, 10, 15]
+  # The stop was checkpointed; resuming with the same criterion trains nothing more.
+  lines = []
+  again = train_lib.train(model, config, x, y, str(tmp_path / 'cut'), log=lines.append, until=until)
+  assert int(again.step) == 15 and lines == [
+    'resumed from ' + str(tmp_path / 'cut') + '/checkpoints at step 15'
+  ]
+  _assert_same_state(stopped.params, again.params)
+  # Without the criterion the run continues from the stop to the same end as an unbroken run.
+  rest = train_lib.train(model, config, x, y, str(tmp_path / 'cut'), log=lambda s: None)
+  _assert_same_state(full, rest)

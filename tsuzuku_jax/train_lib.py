@@ -226,8 +226,14 @@ def train(
   *,
   mesh=None,
   log: Callable[[str], None] = print,
+  until: Callable[[TrainState], bool] | None = None,
 ) -> TrainState:
   """Trains (or resumes) for `config.steps` steps; returns the final state.
+
+  With `until`, training also stops (and checkpoints) at the first logging step, every
+  `config.log_every` steps, where `until(state)` is true, e.g. a training-loss criterion; a
+  resumed run whose checkpoint already meets it returns at once. With a schedule that does not
+  depend on `config.steps` ('constant'), the stopped state is the one a longer run would pass.
 
   Writes `workdir/metrics.jsonl` (one line per logging step) and orbax checkpoints in
   `workdir/checkpoints` every `config.checkpoint_every` steps and at the end. With a `mesh`
@@ -244,15 +250,17 @@ def train(
   start = int(state.step)
   if start:
     log(f'resumed from {workdir}/checkpoints at step {start}')
+    if until is not None and until(state):
+      return state
   if mesh is not None:
     state = jax.device_put(state, NamedSharding(mesh, P()))
   train_step = make_train_step(model, tx, config)
   mngr = _manager(workdir, config)
   per_epoch = data.steps_per_epoch(len(images), config.batch_size)
-  step, t0, t_last, window = start, time.time(), time.time(), []
+  step, t0, t_last, window, last = start, time.time(), time.time(), [], False
   try:
     with open(os.path.join(workdir, 'metrics.jsonl'), 'a') as metrics_file:
-      while step < config.steps:
+      while step < config.steps and not last:
         epoch, skip = divmod(step, per_epoch)
         batches = data.epoch_batches(
           images, labels, config.batch_size, seed=config.seed, epoch=epoch
@@ -283,6 +291,8 @@ def train(
             metrics_file.write(json.dumps({'step': step, 'time': now - t_last, **mean}) + '\n')
             metrics_file.flush()
             t_last = now
+            if until is not None and step % config.log_every == 0 and until(state):
+              last = True
           if step % config.checkpoint_every == 0 or last:
             mngr.save(step, args=ocp.args.StandardSave(state._asdict()))
           if last:
