@@ -358,3 +358,186 @@ def path_norm(apply_fn: Callable[[PyTree, jax.Array], jax.Array], params: PyTree
   parameter squared on an all-ones input of `shape` (one example), as in Jiang et al."""
   squared = jax.tree.map(jnp.square, params)
   return float(jnp.sum(apply_fn(squared, jnp.ones((1, *shape)))))
+
+
+def rescale_neurons(
+  params: PyTree,
+  layers: list[str],
+  key: jax.Array,
+  low: float = 0.1,
+  high: float = 10.0,
+  kernel: str = 'kernel',
+  bias: str = 'bias',
+) -> PyTree:
+  """A random neuron-wise rescaling that leaves a ReLU chain's function unchanged: hidden unit
+  j of layer l gets a factor c_j, log-uniform in [low, high] (its kernel column and bias times
+  c_j, the next kernel's row j divided by c_j; relu(c z) = c relu(z) for c > 0).
+
+  Args:
+    params: a pytree holding `params[name][kernel]` ((in, out) Dense kernels) and optionally
+      `params[name][bias]` for every name in `layers`.
+    layers: the layer names in forward order; units between consecutive layers are rescaled.
+  """
+  if not 0 < low <= high:
+    raise ValueError(f'need 0 < low <= high, got low={low}, high={high}')
+  out = jax.tree.map(lambda x: x, params)
+  for i, (name, nxt) in enumerate(zip(layers[:-1], layers[1:], strict=True)):
+    w = out[name][kernel]
+    c = jnp.exp(
+      jax.random.uniform(
+        jax.random.fold_in(key, i), w.shape[-1:], w.dtype, np.log(low), np.log(high)
+      )
+    )
+    out[name] = {**out[name], kernel: w * c}
+    if bias in out[name]:
+      out[name][bias] = out[name][bias] * c
+    out[nxt] = {**out[nxt], kernel: out[nxt][kernel] / c[:, None]}
+  return out
+
+
+def sharpness_sigma(
+  error_fn: Callable[[PyTree], jax.Array],
+  params: PyTree,
+  key: jax.Array,
+  *,
+  target: float = 0.1,
+  magnitude: bool = True,
+  num_samples: int = 16,
+  iters: int = 20,
+  lo: float = 1e-5,
+  hi: float = 10.0,
+) -> jax.Array:
+  """The largest noise scale sigma at which the mean of error_fn(theta + noise) over
+  `num_samples` fixed Gaussian draws exceeds error_fn(theta) by at most `target`, by bisection
+  on log sigma in [lo, hi] (Jiang et al.'s PAC-Bayes sharpness; the measure is 1 / sigma^2).
+
+  magnitude=False: noise sigma * z (the classic, scale-dependent form). magnitude=True: noise
+  sigma * |theta| * z, which moves every parameter in proportion to its size; a diagonal
+  rescaling of theta rescales the perturbed networks the same way, so sigma is invariant
+  (exactly so with the same key, up to float rounding of the outputs).
+  """
+  if num_samples < 1 or iters < 1:
+    raise ValueError(f'num_samples and iters must be >= 1, got {num_samples}, {iters}')
+  if not 0 < lo < hi:
+    raise ValueError(f'need 0 < lo < hi, got lo={lo}, hi={hi}')
+  base = error_fn(params)
+  z = jax.tree.map(
+    lambda p, k: jax.random.normal(k, (num_samples, *p.shape), p.dtype),
+    params,
+    jax.tree.unflatten(
+      jax.tree.structure(params), list(jax.random.split(key, len(jax.tree.leaves(params))))
+    ),
+  )
+  scale = jax.tree.map(jnp.abs, params) if magnitude else jax.tree.map(jnp.ones_like, params)
+
+  def excess(log_s):
+    def one(zi):
+      return error_fn(jax.tree.map(lambda p, s, e: p + jnp.exp(log_s) * s * e, params, scale, zi))
+
+    return jnp.mean(jax.lax.map(one, z)) - base
+
+  def step(_, bracket):
+    a, b = bracket
+    mid = 0.5 * (a + b)
+    over = excess(mid) > target
+    return jnp.where(over, a, mid), jnp.where(over, mid, b)
+
+  a, _ = jax.lax.fori_loop(0, iters, step, (jnp.log(lo), jnp.log(hi)))
+  return jnp.exp(a)
+
+
+def _cross_entropy(logits, labels):
+  return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], -1))
+
+
+def measure_fn(
+  apply_fn: Callable[[PyTree, jax.Array], jax.Array],
+  *,
+  num_probes: int = 64,
+  chunk: int = 16,
+  lanczos_iters: int = 20,
+  lam: float = 1e-3,
+  sharpness_target: float = 0.1,
+  sharpness_samples: int = 16,
+  sharpness_iters: int = 20,
+  gn_chunk: int = 64,
+) -> Callable[[PyTree, jax.Array, jax.Array, jax.Array], dict]:
+  """A jitted `fn(params, images, labels, key) -> {name: scalar}` computing every measure of a
+  ReLU classifier at `params` on (images, labels) with the mean cross-entropy loss.
+
+  Build it once per architecture: the parameters are a jit argument (see the module docstring),
+  so models of the same shapes share one compilation. Scale-dependent ('raw') measures:
+  hessian_trace, top_eigenvalue (Lanczos), gauss_newton_trace, pac_bayes_sharpness (1/sigma^2,
+  isotropic noise), param_norm (sum theta^2), spectral_product, frobenius_product. Invariant
+  to every diagonal function-preserving rescaling: normalized_trace tr(D H D) (Hutchinson on
+  `normalized_op`), normalized_trace_gn (sum theta_i^2 G_ii), sigma_optimised (at `lam`),
+  normalized_sqrt (sum |theta_i| sqrt(G_ii), its ln(1+x) <= x closed form),
+  pac_bayes_mag_flatness (1/sigma^2, magnitude-aware noise) and path_norm. Invariant to filter
+  scaling only: filter_normalized_trace. `*_stderr` entries are Hutchinson standard errors.
+  """
+
+  def fn(params, images, labels, key):
+    loss_fn = lambda p: _cross_entropy(apply_fn(p, images), labels)  # noqa: E731
+    error_fn = lambda p: jnp.mean(jnp.argmax(apply_fn(p, images), -1) != labels)  # noqa: E731
+    keys = jax.random.split(key, 6)
+    h = hessian_op(loss_fn, params)
+    tr = hutchinson_trace(h, params, keys[0], num_probes, chunk)
+    ntr = hutchinson_trace(normalized_op(loss_fn, params), params, keys[1], num_probes, chunk)
+    ftr = hutchinson_trace(
+      filter_normalized_op(loss_fn, params), params, keys[2], num_probes, chunk
+    )
+    gn = jnp.concatenate(
+      [
+        jnp.ravel(x)
+        for x in jax.tree.leaves(gauss_newton_diagonal(apply_fn, params, images, gn_chunk))
+      ]
+    )
+    theta = jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(params)])
+    kappa = jnp.square(theta) * gn
+    sharp = dict(target=sharpness_target, num_samples=sharpness_samples, iters=sharpness_iters)
+    sigma_raw = sharpness_sigma(error_fn, params, keys[4], magnitude=False, **sharp)
+    sigma_mag = sharpness_sigma(error_fn, params, keys[5], magnitude=True, **sharp)
+    weights = [w.reshape(-1, w.shape[-1]) for w in jax.tree.leaves(params) if w.ndim >= 2]
+    squared = jax.tree.map(jnp.square, params)
+    return {
+      'hessian_trace': tr.value,
+      'hessian_trace_stderr': tr.stderr,
+      'top_eigenvalue': top_eigenvalues(h, params, keys[3], 1, lanczos_iters)[0],
+      'gauss_newton_trace': jnp.sum(gn),
+      'pac_bayes_sharpness': 1.0 / jnp.square(sigma_raw),
+      'param_norm': jnp.sum(jnp.square(theta)),
+      'spectral_product': jnp.prod(jnp.stack([jnp.linalg.norm(w, 2) for w in weights])),
+      'frobenius_product': jnp.prod(jnp.stack([jnp.linalg.norm(w) for w in weights])),
+      'normalized_trace': ntr.value,
+      'normalized_trace_stderr': ntr.stderr,
+      'normalized_trace_gn': jnp.sum(kappa),
+      'sigma_optimised': pac_bayes.second_order_objective(kappa, lam),
+      'normalized_sqrt': jnp.sum(jnp.sqrt(kappa)),
+      'pac_bayes_mag_flatness': 1.0 / jnp.square(sigma_mag),
+      'path_norm': jnp.sum(apply_fn(squared, jnp.ones((1, *images.shape[1:]), images.dtype))),
+      'filter_normalized_trace': ftr.value,
+      'filter_normalized_trace_stderr': ftr.stderr,
+    }
+
+  _check_probes(num_probes, chunk)
+  return jax.jit(fn)
+
+
+RAW_MEASURES = (
+  'hessian_trace',
+  'top_eigenvalue',
+  'gauss_newton_trace',
+  'pac_bayes_sharpness',
+  'param_norm',
+  'spectral_product',
+  'frobenius_product',
+)
+NORMALIZED_MEASURES = (
+  'normalized_trace',
+  'normalized_trace_gn',
+  'sigma_optimised',
+  'normalized_sqrt',
+  'pac_bayes_mag_flatness',
+  'path_norm',
+)
+FILTER_MEASURES = ('filter_normalized_trace',)

@@ -109,3 +109,42 @@ def plot_fourier_maps(maps: Mapping[str, np.ndarray], path: str | None = None, *
     ax.set_xticks([])
     ax.set_yticks([])
   return _finish(fig, path, title, lambda t: fig.suptitle(t, fontsize=9))
+
+
+def plot_measure_scatter(
+  panels: Mapping[str, tuple[np.ndarray, np.ndarray, float]],
+  path: str | None = None,
+  *,
+  colors: np.ndarray | None = None,
+  color_label: str = '',
+  title: str = '',
+):
+  """One panel per measure: the generalization gap against the measure (log x axis when the
+  values are positive), titled with its Kendall tau.
+
+  Args:
+    panels: name -> (measure values, gaps, tau).
+    colors: optional per-model values for the marker colour (e.g. label noise).
+  """
+  n = len(panels)
+  cols = min(4, n)
+  rows = -(-n // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False)
+  for ax, (name, (x, gap, tau)) in zip(axes.flat, panels.items(), strict=False):
+    x = np.asarray(x)
+    sc = ax.scatter(x, gap, c=colors, s=10, cmap='viridis')
+    if np.all(x > 0):
+      ax.set_xscale('log')
+    ax.set_title(f'{name}\ntau = {tau:.2f}', fontsize=9)
+    ax.set_xlabel(name, fontsize=8)
+    ax.set_ylabel('generalization gap', fontsize=8)
+    ax.tick_params(labelsize=7)
+  for ax in list(axes.flat)[n:]:
+    ax.axis('off')
+  if colors is not None:
+    fig.colorbar(sc, ax=axes, label=color_label, shrink=0.6)
+  fig.suptitle(title)
+  if path:
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+  return fig

@@ -72,3 +72,35 @@ def grid(**axes) -> list[dict]:
   """Every combination of the given hyperparameter values, as dicts (row-major)."""
   names = list(axes)
   return [dict(zip(names, combo, strict=True)) for combo in itertools.product(*axes.values())]
+
+
+def summary(
+  rows: Sequence[dict], measure: str, hparam_keys: Sequence[str], group: str = 'seed'
+) -> dict:
+  """Kendall's tau and granulated tau of `row[measure]` against `row['gap']` over `rows`,
+  pooled and per value of `row[group]` (e.g. one zoo per seed), with the mean and standard
+  deviation over the groups: the spread of a correlation over independent zoos."""
+  if not rows:
+    raise ValueError('no models')
+  x = [r[measure] for r in rows]
+  y = [r['gap'] for r in rows]
+  hp = [{k: r[k] for k in hparam_keys} for r in rows]
+  out = {'n': len(rows), 'tau': kendall_tau(x, y), 'granulated': granulated_tau(hp, x, y)}
+  per = {}
+  for g in sorted({r[group] for r in rows}):
+    sub = [r for r in rows if r[group] == g]
+    per[str(g)] = {
+      'n': len(sub),
+      'tau': kendall_tau([r[measure] for r in sub], [r['gap'] for r in sub]),
+      'psi': granulated_tau(
+        [{k: r[k] for k in hparam_keys} for r in sub],
+        [r[measure] for r in sub],
+        [r['gap'] for r in sub],
+      )['psi'],
+    }
+  out['per_group'] = per
+  for k in ('tau', 'psi'):
+    vals = [v[k] for v in per.values() if not np.isnan(v[k])]
+    out[f'{k}_mean'] = float(np.mean(vals)) if vals else float('nan')
+    out[f'{k}_std'] = float(np.std(vals, ddof=1)) if len(vals) > 1 else float('nan')
+  return out
