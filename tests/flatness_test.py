@@ -274,3 +274,64 @@ def test_matrix_norm_products_see_neuron_wise_but_not_layer_wise_rescaling(key):
     pn = flatness.path_norm(apply, nob, (5,))
     assert pn > 0
     assert flatness.path_norm(apply, _rescale(nob, key), (5,)) == pytest.approx(pn, rel=1e-10)
+
+
+def test_rescale_neurons_keeps_the_function_and_moves_the_norms(key):
+  with jax.enable_x64(True):
+    _, params, apply, x = _mlp_loss(key, widths=(5, 7, 6, 3))
+    scaled = flatness.rescale_neurons(params, ['l0', 'l1', 'l2'], key, 0.1, 10.0, 'w', 'b')
+    np.testing.assert_allclose(apply(scaled, x), apply(params, x), rtol=1e-12, atol=1e-12)
+    ratio = scaled['l0']['w'][0] / params['l0']['w'][0]
+    assert 0.1 <= float(jnp.min(ratio)) and float(jnp.max(ratio)) <= 10.0
+    assert float(jnp.max(ratio) / jnp.min(ratio)) > 3
+    with pytest.raises(ValueError, match='low'):
+      flatness.rescale_neurons(params, ['l0', 'l1'], key, 0.0, 10.0, 'w', 'b')
+
+
+def test_sharpness_sigma_bisects_a_known_excess(key):
+  # excess(sigma) = sigma * mean |z| for the fixed draws (isotropic) and sigma * mean |theta z|
+  # (magnitude-aware): linear, so the bisection's answer has a closed form.
+  theta = {'w': jnp.array([0.5, -2.0, 3.0])}
+  err = lambda p: jnp.mean(jnp.abs(p['w'] - theta['w']))  # noqa: E731
+  k = jax.random.fold_in(key, 1)
+  z = jax.random.normal(jax.random.split(k, 1)[0], (4, 3))
+  for magnitude, scale in ((False, 1.0), (True, jnp.abs(theta['w']))):
+    got = flatness.sharpness_sigma(
+      err, theta, k, target=0.05, magnitude=magnitude, num_samples=4, iters=40
+    )
+    want = 0.05 / float(jnp.mean(jnp.abs(scale * z)))
+    assert float(got) == pytest.approx(want, rel=1e-6)
+  with pytest.raises(ValueError, match='num_samples'):
+    flatness.sharpness_sigma(err, theta, k, num_samples=0)
+
+
+def test_measure_fn_is_invariant_where_it_says_so(key):
+  # float32, as the zoo runs it: a small ReLU MLP on fixed data, a random neuron-wise
+  # rescaling with factors in [0.1, 10], the same probe key.
+  _, params, apply, x = _mlp_loss(key, jnp.float32, widths=(6, 16, 12, 4))
+  y = jax.random.randint(jax.random.fold_in(key, 7), (x.shape[0],), 0, 4)
+  # Fit the labels first: noise must be able to raise the error (the sharpness bisection).
+  ce = lambda p: -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(apply(p, x)), y[:, None], -1))  # noqa: E731
+  fit = jax.jit(lambda p: jax.tree.map(lambda t, g: t - 0.5 * g, p, jax.grad(ce)(p)))
+  for _ in range(300):
+    params = fit(params)
+  assert float(jnp.mean(jnp.argmax(apply(params, x), -1) == y)) > 0.9
+  fn = flatness.measure_fn(apply, num_probes=8, lanczos_iters=8, sharpness_samples=4)
+  scaled = flatness.rescale_neurons(params, ['l0', 'l1', 'l2'], key, 0.1, 10.0, 'w', 'b')
+  a, b = fn(params, x, y, key), fn(scaled, x, y, key)
+  for m in flatness.NORMALIZED_MEASURES:
+    assert float(b[m]) == pytest.approx(float(a[m]), rel=1e-5), m
+  for m in flatness.RAW_MEASURES:
+    assert max(float(b[m] / a[m]), float(a[m] / b[m])) > 2, m
+  # Against the dense references: the normalized trace's mean is tr(D H D) within its error.
+  with jax.enable_x64(True):
+    p64 = jax.tree.map(lambda t: t.astype(jnp.float64), params)
+
+    def loss64(p):
+      logp = jax.nn.log_softmax(apply(p, x.astype(jnp.float64)))
+      return -jnp.mean(jnp.take_along_axis(logp, y[:, None], -1))
+
+    h = flatness.exact_hessian(loss64, p64)
+    theta = ravel_pytree(p64)[0]
+    exact = float(jnp.sum(theta**2 * jnp.diag(h)))
+  assert abs(float(a['normalized_trace']) - exact) < 5 * float(a['normalized_trace_stderr'])

@@ -99,3 +99,56 @@ def test_optimal_sigma_ratio_solves_its_first_order_condition():
   obj = lambda v: 0.5 * v * kappa + 0.5 * lam * jnp.log1p(1 / v)  # noqa: E731
   assert np.all(obj(u) <= obj(u * 1.01)) and np.all(obj(u) <= obj(u * 0.99))
   assert float(pac_bayes.optimal_sigma_ratio(jnp.asarray([0.0]), lam)[0]) == math.inf
+
+
+@pytest.mark.parametrize('q', [0.0, 0.01, 0.2, 0.6])
+@pytest.mark.parametrize('b', [1e-4, 0.02, 0.5])
+def test_quad_objective_upper_bounds_the_kl_inverse(q, b):
+  # f_quad = (sqrt(q + B/2) + sqrt(B/2))^2 >= kl^-1(q, B) (Perez-Ortiz et al.), B built from
+  # KL, m and delta exactly as the Langford-Seeger bound builds it.
+  m, delta = 1000, 0.05
+  kl = b * m - math.log(2 * math.sqrt(m) / delta)
+  if kl < 0:
+    pytest.skip('B below the confidence term alone')
+  assert float(pac_bayes.quad_objective(q, kl, m, delta)) >= pac_bayes.langford_seeger(
+    q, kl, m, delta
+  )
+
+
+def _softmax_regression(key):
+  import jax
+
+  x = jax.random.normal(key, (300, 5))
+  w_true = jax.random.normal(jax.random.fold_in(key, 1), (5, 3))
+  y = jnp.argmax(x @ w_true, -1)
+  apply = lambda p, x: x @ p['w'] + p['b']  # noqa: E731
+  return x, y, apply, {'w': 0.5 * w_true, 'b': jnp.zeros(3)}
+
+
+def test_fit_posterior_lowers_the_objective_and_certify_is_a_valid_chain(key):
+  import jax
+
+  x, y, apply, prior = _softmax_regression(key)
+  kl = pac_bayes._kl_to_isotropic(prior, jax.tree.map(lambda t: jnp.full_like(t, 0.3), prior),
+                                  jax.tree.map(jnp.zeros_like, prior), 0.5)  # fmt: skip
+  ref = pac_bayes.gaussian_kl(prior, 0.3, jax.tree.map(jnp.zeros_like, prior), 0.5)
+  assert float(kl) == pytest.approx(ref, rel=1e-5)
+  fit = jax.jit(lambda k, s: pac_bayes.fit_posterior(apply, prior, 0.1, x, y, k, steps=s))
+  _, _, first = fit(key, 1)
+  mean, sigma, last = fit(key, 300)
+  assert float(last) < float(first)
+  cert = pac_bayes.certify(apply, mean, sigma, prior, 0.1, x, y, key, num_samples=50,
+                           delta=0.025, delta_mc=0.01)  # fmt: skip
+  assert cert['emp_mean'] <= cert['emp_upper'] <= cert['bound'] <= 1
+  assert cert['bound'] == pytest.approx(
+    pac_bayes.langford_seeger(cert['emp_upper'], cert['kl'], 300, 0.025)
+  )
+  # A tiny posterior samples the mean network: its error, also with a padded last chunk.
+  tiny = jax.tree.map(lambda t: jnp.full_like(t, 1e-9), mean)
+  errs = pac_bayes.sampled_errors(apply, mean, tiny, x, y, key, 3, chunk=128)
+  want = float(jnp.mean(jnp.argmax(apply(mean, x), -1) != y))
+  np.testing.assert_allclose(errs, want, atol=1e-7)
+  with pytest.raises(ValueError, match='prior_sigma'):
+    pac_bayes.fit_posterior(apply, prior, 0.0, x, y, key)
+  with pytest.raises(ValueError, match='delta'):
+    pac_bayes.fit_posterior(apply, prior, 0.1, x, y, key, delta=1.5)

@@ -40,3 +40,19 @@ def test_bad_input_is_named():
     rc.granulated_tau([{'a': 1}, {'b': 1}], [1, 2], [1, 2])
   with pytest.raises(ValueError, match='measures'):
     rc.granulated_tau([{'a': 1}], [1, 2], [1])
+
+
+def test_summary_pools_and_splits_by_seed():
+  rows = [
+    {'a': a, 'seed': s, 'gap': g, 'm': v}
+    for s, (gs, vs) in enumerate([([0.1, 0.2, 0.3], [1, 2, 3]), ([0.1, 0.2, 0.3], [3, 1, 2])])
+    for a, g, v in zip([1, 2, 3], gs, vs, strict=True)
+  ]
+  out = rc.summary(rows, 'm', ['a'])
+  assert out['n'] == 6 and out['per_group']['0']['tau'] == pytest.approx(1.0)
+  assert out['per_group']['1']['tau'] == pytest.approx(-1 / 3)
+  assert out['tau_mean'] == pytest.approx(1 / 3)
+  assert out['tau_std'] == pytest.approx(np.std([1.0, -1 / 3], ddof=1))
+  assert out['tau'] == pytest.approx(
+    rc.kendall_tau([r['m'] for r in rows], [r['gap'] for r in rows])
+  )
