@@ -283,20 +283,21 @@ def _bound(xtr, ytr, xte, yte):
     for i, s in enumerate(sigmas):
       k = jax.random.fold_in(key, 2 * i + (prior_name == 'initialisation'))
       t0 = time.time()
+      # Data as jit arguments: closed-over arrays would be constant-folded (minutes on MNIST).
       fit = jax.jit(
-        lambda p, k, s=s: pac_bayes.fit_posterior(
+        lambda p, k, x, y, s=s: pac_bayes.fit_posterior(
           apply_fn,
           p,
           s,
-          xb,
-          yb,
+          x,
+          y,
           k,
           delta=delta,
           steps=_POST_STEPS.value,
           learning_rate=_POST_LR.value,
         )  # fmt: skip
       )
-      mean, sigma, objective = fit(prior_mean, k)
+      mean, sigma, objective = fit(prior_mean, k, xb, yb)
       cert = pac_bayes.certify(
         apply_fn, mean, sigma, prior_mean, s, xb, yb, jax.random.fold_in(k, 1),
         num_samples=_MC.value, delta=delta, delta_mc=delta_mc,

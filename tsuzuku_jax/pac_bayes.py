@@ -292,14 +292,18 @@ def sampled_errors(apply_fn, mean, sigma, images, labels, key, num_samples: int,
   c = min(chunk, n)
   xs, ys = xs.reshape(-1, c, *images.shape[1:]), ys.reshape(-1, c)
 
-  def one(k):
-    p = sample_params(k, mean, sigma)
-    wrong = jax.lax.map(
-      lambda b: jnp.sum((jnp.argmax(apply_fn(p, b[0]), -1) != b[1]) & (b[1] >= 0)), (xs, ys)
-    )
-    return jnp.sum(wrong) / n
+  @jax.jit  # everything as arguments: closed-over data would be constant-folded by XLA
+  def run(mean, sigma, xs, ys, keys):
+    def one(k):
+      p = sample_params(k, mean, sigma)
+      wrong = jax.lax.map(
+        lambda b: jnp.sum((jnp.argmax(apply_fn(p, b[0]), -1) != b[1]) & (b[1] >= 0)), (xs, ys)
+      )
+      return jnp.sum(wrong) / n
 
-  return jax.lax.map(one, jax.random.split(key, num_samples))
+    return jax.lax.map(one, keys)
+
+  return run(mean, sigma, xs, ys, jax.random.split(key, num_samples))
 
 
 def certify(
