@@ -4,6 +4,7 @@ from collections.abc import Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import NullFormatter
 
 
 def _finish(fig, path, title, set_title):
@@ -129,12 +130,15 @@ def plot_measure_scatter(
   n = len(panels)
   cols = min(4, n)
   rows = -(-n // cols)
-  fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False)
+  fig, axes = plt.subplots(
+    rows, cols, figsize=(3.4 * cols, 3.0 * rows), squeeze=False, layout='constrained'
+  )
   for ax, (name, (x, gap, tau)) in zip(axes.flat, panels.items(), strict=False):
     x = np.asarray(x)
     sc = ax.scatter(x, gap, c=colors, s=10, cmap='viridis')
     if np.all(x > 0):
       ax.set_xscale('log')
+      ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels collide on narrow panels
     ax.set_title(f'{name}\ntau = {tau:.2f}', fontsize=9)
     ax.set_xlabel(name, fontsize=8)
     ax.set_ylabel('generalization gap', fontsize=8)
