@@ -323,6 +323,10 @@ def test_measure_fn_is_invariant_where_it_says_so(key):
     assert float(b[m]) == pytest.approx(float(a[m]), rel=1e-5), m
   for m in flatness.RAW_MEASURES:
     assert max(float(b[m] / a[m]), float(a[m] / b[m])) > 2, m
+  bad = jax.tree.map(lambda t: t, params)
+  bad['l2']['b'] = bad['l2']['b'].at[0].set(jnp.inf)
+  with pytest.raises(ValueError, match=r"\['l2'\]\['b'\].*non-finite"):
+    fn(bad, x, y, key)
   # Against the dense references: the normalized trace's mean is tr(D H D) within its error.
   with jax.enable_x64(True):
     p64 = jax.tree.map(lambda t: t.astype(jnp.float64), params)

@@ -462,8 +462,9 @@ def measure_fn(
   sharpness_iters: int = 20,
   gn_chunk: int = 64,
 ) -> Callable[[PyTree, jax.Array, jax.Array, jax.Array], dict]:
-  """A jitted `fn(params, images, labels, key) -> {name: scalar}` computing every measure of a
-  ReLU classifier at `params` on (images, labels) with the mean cross-entropy loss.
+  """`fn(params, images, labels, key) -> {name: scalar}`: every measure of a ReLU classifier
+  at `params` on (images, labels) with the mean cross-entropy loss, in one jit (non-finite
+  parameters are refused by name first).
 
   Build it once per architecture: the parameters are a jit argument (see the module docstring),
   so models of the same shapes share one compilation. Scale-dependent ('raw') measures:
@@ -520,7 +521,13 @@ def measure_fn(
     }
 
   _check_probes(num_probes, chunk)
-  return jax.jit(fn)
+  jitted = jax.jit(fn)
+
+  def checked(params, images, labels, key):
+    check_params(params)  # on the host, before the jit: a nan would only give nan measures
+    return jitted(params, images, labels, key)
+
+  return checked
 
 
 RAW_MEASURES = (
