@@ -14,17 +14,27 @@ Per model (synthetic inputs and labels; mean softmax cross-entropy over one batc
    vmapped in one jit (`jax.vmap`), the same through `flatness.hessian_op` (gradient
    linearized once, then vmapped), and a Python loop of --probes single-HVP calls.
 
+2. The PyTorch peer (`--torch=auto` runs it where torch imports; on the same device as JAX):
+   the same model with the same weights (`benchmarks/flatness_torch.py`). Checked first: its
+   loss equals ours to 1e-4 and both of its HVPs equal ours on the same probe to 1e-3
+   (relative, float32). Timed in the same interleaved rounds: its gradient, a double-backward
+   HVP, a forward-over-reverse HVP (`torch.func`, jvp of grad; reported as unsupported if
+   torch cannot run it on the model) and a loop of --probes double-backward HVPs.
+
 Reported: HVP / gradient; vmapped probes per second over the loop's (speed-up), and the
-linearized variant's. Absolute times only with the device line.
+linearized variant's; PyTorch's HVP time over ours, and PyTorch's probe loop over our faster
+of the vmapped and looped probes. Absolute times only with the device line.
 """
 
 import argparse
+import importlib
 import os
 import statistics
 import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.flatten_util import ravel_pytree
 
 _ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
@@ -53,6 +63,12 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--repeats', type=int, default=5)
   p.add_argument('--calls', type=int, default=3, help='calls per repeat')
   p.add_argument('--seed', type=int, default=0)
+  p.add_argument(
+    '--torch',
+    default='auto',
+    choices=('auto', 'yes', 'no'),
+    help='PyTorch peer: auto runs it where torch imports, yes requires it',
+  )
   p.add_argument('--smoke', action='store_true', help='tiny settings for the tests')
   p.add_argument('--out', default=None, help='JSON path (default benchmarks/results/...)')
   args = p.parse_args(argv)
@@ -79,6 +95,49 @@ def _model(name: str, smoke: bool):
   return models.WideResNet(depth=10 if smoke else 16, width=1 if smoke else 4), (32, 32, 3)
 
 
+def _config(model) -> dict:
+  """The architecture fields the PyTorch port needs."""
+  return {
+    f: getattr(model, f) for f in ('hidden', 'channels', 'depth', 'width') if hasattr(model, f)
+  }
+
+
+def _torch_peer(args):
+  """The peer module, or None (with the reason printed) where --torch=auto and torch is absent."""
+  if args.torch == 'no':
+    return None
+  try:
+    flatness_torch = importlib.import_module('benchmarks.flatness_torch')
+  except ImportError as e:
+    if args.torch == 'yes':
+      raise SystemExit(f'--torch=yes: PyTorch does not import ({e})') from e
+    print(f'PyTorch peer skipped: {e}', flush=True)
+    return None
+  return flatness_torch
+
+
+def check_peer(ft, peer, loss, params, one, hv) -> tuple[dict, list[str]]:
+  """The peer's loss and HVPs against ours; returns (its working HVPs by name, failures)."""
+  failures = []
+  ours, theirs = float(loss(params)), float(peer.loss(peer.params))
+  if abs(ours - theirs) > 1e-4 * abs(ours):
+    failures.append(f'PyTorch loss {theirs:.7g} != ours {ours:.7g}')
+  v = peer.probe(one)
+  ref = ft.flat(peer.probe(hv), peer.keys)
+  hvps = {'torch_double_backward': peer.double_backward_hvp()}
+  try:
+    fr = peer.forward_over_reverse_hvp()
+    fr(v)
+    hvps['torch_forward_over_reverse'] = fr
+  except Exception as e:  # noqa: BLE001 - reported, not hidden: torch.func lacks some rules
+    print(f'torch.func forward-over-reverse HVP unsupported: {type(e).__name__}: {str(e)[:200]}')
+  for n, f in hvps.items():
+    err = np.linalg.norm(ft.flat(f(v), peer.keys) - ref) / np.linalg.norm(ref)
+    if not err <= 1e-3:
+      failures.append(f'{n} HVP vs ours: relative error {err:.3g}')
+  return hvps, failures
+
+
 def _loss(model, variables, x, y):
   rest = {k: v for k, v in variables.items() if k != 'params'}
 
@@ -102,14 +161,16 @@ def check(loss, params, key) -> list[str]:
   if abs(uhv - vhu) > 1e-3 * abs(uhv) + 1e-6:
     failures.append(f'HVP not symmetric: u.Hv = {uhv:.6g}, v.Hu = {vhu:.6g}')
   # An independent differentiation order: reverse over reverse, grad of <grad L, v>.
-  rr = flat(jax.jit(jax.grad(lambda p: flat(jax.grad(loss)(p)) @ flat(v)))(params))
+  # (v is an argument: closed over, XLA spends seconds constant-folding products with it.)
+  rr = jax.jit(lambda p, w: jax.grad(lambda q: flat(jax.grad(loss)(q)) @ flat(w))(p))
+  rr = flat(rr(params, v))
   err, ref = float(jnp.linalg.norm(flat(hv) - rr)), float(jnp.linalg.norm(rr))
   if not err <= 1e-3 * ref + 1e-6:
     failures.append(f'forward-over-reverse vs reverse-over-reverse: relative error {err / ref:.3g}')
   return failures
 
 
-def run_model(name: str, args) -> tuple[dict, list[str]]:
+def run_model(name: str, args, ft=None) -> tuple[dict, list[str]]:
   model, shape = _model(name, args.smoke)
   key = jax.random.key(args.seed)
   x = jax.random.uniform(key, (args.batch_size, *shape))
@@ -135,6 +196,21 @@ def run_model(name: str, args) -> tuple[dict, list[str]]:
     'linearized_vmap': lambda: linear(params, probes),
     'loop': lambda: [hvp(params, s) for s in singles],
   }
+  peer = None
+  if ft is not None:
+    device = 'cuda' if jax.devices()[0].platform == 'gpu' else 'cpu'
+    peer = ft.Peer(name, _config(model), variables, x, y, device)
+    hvps, f = check_peer(ft, peer, loss, params, one, hvp(params, one))
+    failures += [f'{name}: {m}' for m in f]
+    v1, vs = peer.probe(one), [peer.probe(s) for s in singles]
+    tgrad, db = peer.grad_fn(), hvps['torch_double_backward']
+    synced = lambda f: lambda: (f(), peer.sync())  # noqa: E731 - CUDA is asynchronous
+    fns['torch_grad'] = synced(tgrad)
+    for n, f in hvps.items():
+      fns[n] = synced(lambda f=f: f(v1))
+    fns['torch_loop'] = synced(lambda: [db(v) for v in vs])
+  if failures:
+    return {}, failures
   compile_s = {n: timed(f)[1] for n, f in fns.items()}
   times = interleaved_times(fns, {n: () for n in fns}, args.repeats, args.calls, advance=False)
   med = {n: statistics.median(t) for n, t in times.items()}
@@ -151,6 +227,21 @@ def run_model(name: str, args) -> tuple[dict, list[str]]:
     'linearized_speedup_over_loop': med['loop'] / med['linearized_vmap'],
     'vmap_per_probe_over_grad': med['vmap'] / k / med['grad'],
   }
+  if peer is not None:
+    best = min(med['vmap'], med['loop'], med['linearized_vmap'])
+    res['torch'] = {
+      'version': ft.torch.__version__,
+      'device': peer.device,
+      'threads': ft.torch.get_num_threads(),
+      'hvp_over_grad': med['torch_double_backward'] / med['torch_grad'],
+      'double_backward_over_ours': med['torch_double_backward'] / med['hvp'],
+      'forward_over_reverse_over_ours': (
+        med['torch_forward_over_reverse'] / med['hvp']
+        if 'torch_forward_over_reverse' in med
+        else None
+      ),
+      'loop_over_our_best_probes': med['torch_loop'] / best,
+    }
   return res, failures
 
 
@@ -158,11 +249,13 @@ def main(argv=None) -> dict:
   args = parse_args(argv)
   info = device_info()
   print(f'flatness_bench on {describe(info)}', flush=True)
+  ft = _torch_peer(args)
   results, failures = {}, []
   for name in args.models:
-    results[name], f = run_model(name, args)
+    results[name], f = run_model(name, args, ft)
     failures += f
-    print(f'{name}: {results[name]["params"]} parameters', flush=True)
+    if not f:
+      print(f'{name}: {results[name]["params"]} parameters', flush=True)
   if failures:
     fail('HVP correctness', failures)
   print(f'\nDevice: {describe(info)}; load average at start {info.get("load_average", "?")}')
@@ -195,6 +288,22 @@ def main(argv=None) -> dict:
       rows,
     )
   )
+  peers = {n: r['torch'] for n, r in results.items() if 'torch' in r}
+  if peers:
+    t = next(iter(peers.values()))
+    print(f'\nPyTorch {t["version"]} on {t["device"]} ({t["threads"]} threads), same weights:')
+    rows = [
+      [
+        n,
+        p['hvp_over_grad'],
+        p['double_backward_over_ours'],
+        p['forward_over_reverse_over_ours'] or 'unsupported',
+        p['loop_over_our_best_probes'],
+      ]
+      for n, p in peers.items()
+    ]
+    heads = ['model', 'torch hvp/grad', 'double-backward / ours', 'torch.func fwd-rev / ours']
+    print(format_table([*heads, f'{args.probes}-probe loop / our best'], rows))
   out = {
     'ok': True,
     'device': info,
