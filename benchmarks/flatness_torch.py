@@ -18,20 +18,17 @@ from collections.abc import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from flax import traverse_util
 
 from tsuzuku_jax import lipschitz
 
 
-def to_torch(tree: dict, device: str, prefix: str = '') -> dict[str, torch.Tensor]:
+def to_torch(tree: dict, device: str) -> dict[str, torch.Tensor]:
   """Nested flax dict of arrays -> {'a/b/c': tensor} (copied, float32, on `device`)."""
-  out = {}
-  for k, v in tree.items():
-    path = f'{prefix}{k}'
-    if isinstance(v, dict):
-      out.update(to_torch(v, device, path + '/'))
-    else:
-      out[path] = torch.tensor(np.asarray(v), dtype=torch.float32, device=device)
-  return out
+  flat_tree = traverse_util.flatten_dict(tree, sep='/')
+  return {
+    k: torch.tensor(np.asarray(v), dtype=torch.float32, device=device) for k, v in flat_tree.items()
+  }
 
 
 def _conv(t: dict, name: str, x: torch.Tensor, strides=(1, 1), bias: bool = True):
@@ -112,8 +109,12 @@ class Peer:
     d = to_torch(tree, self.device)
     return {k: d[k] for k in self.keys}
 
+  def _leaves(self) -> list[torch.Tensor]:
+    """Fresh autograd leaves sharing the parameters' storage, in `keys` order."""
+    return [self.params[k].detach().requires_grad_() for k in self.keys]
+
   def grad_fn(self) -> Callable[[], tuple]:
-    leaves = [self.params[k].detach().requires_grad_() for k in self.keys]
+    leaves = self._leaves()
 
     def grad():
       loss = self.loss(dict(zip(self.keys, leaves, strict=True)))
@@ -122,7 +123,7 @@ class Peer:
     return grad
 
   def double_backward_hvp(self) -> Callable[[dict], tuple]:
-    leaves = [self.params[k].detach().requires_grad_() for k in self.keys]
+    leaves = self._leaves()
 
     def hvp(v: dict):
       loss = self.loss(dict(zip(self.keys, leaves, strict=True)))

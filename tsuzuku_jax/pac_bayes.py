@@ -228,6 +228,13 @@ def quad_objective(risk, kl, m: int, delta: float):
   return jnp.square(jnp.sqrt(risk + b / 2) + jnp.sqrt(b / 2))
 
 
+def bounded_cross_entropy(logits: jax.Array, labels: jax.Array, p_min: float = 1e-4):
+  """Mean of -ln(max(p_y, p_min)) / ln(1/p_min): a cross-entropy bounded in [0, 1], the risk
+  that PAC-Bayes bounds for [0, 1] losses accept. logits (N, K), labels (N,) int."""
+  logp = jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], -1)
+  return jnp.mean(-jnp.maximum(logp, math.log(p_min))) / math.log(1.0 / p_min)
+
+
 def fit_posterior(
   apply_fn,
   prior_mean,
@@ -244,9 +251,8 @@ def fit_posterior(
   p_min: float = 1e-4,
 ):
   """Optimises a Gaussian posterior N(mean, diag sigma^2), started at N(prior_mean,
-  prior_sigma^2 I), by Adam on `quad_objective` with the bounded cross-entropy
-  -ln(max(p_y, p_min)) / ln(1/p_min) in [0, 1] as the risk (one noise draw per step, by
-  reparametrisation; minibatches drawn with `key`).
+  prior_sigma^2 I), by Adam on `quad_objective` with `bounded_cross_entropy` as the risk
+  (one noise draw per step, by reparametrisation; minibatches drawn with `key`).
 
   Returns (mean, sigma, final objective). The prior must not depend on (images, labels): the
   certificate (`certify`) is only valid on examples the prior never saw.
@@ -267,8 +273,7 @@ def fit_posterior(
     idx = jax.random.randint(kb, (min(batch_size, n),), 0, n)
     sigma = jax.tree.map(jnp.exp, p['log_sigma'])
     logits = apply_fn(sample_params(kn, p['mean'], sigma), images[idx])
-    logp = jnp.take_along_axis(jax.nn.log_softmax(logits), labels[idx][:, None], -1)
-    risk = jnp.mean(-jnp.maximum(logp, math.log(p_min))) / math.log(1.0 / p_min)
+    risk = bounded_cross_entropy(logits, labels[idx], p_min)
     kl = _kl_to_isotropic(p['mean'], sigma, prior_mean, prior_sigma)
     return quad_objective(risk, kl, m, delta)
 
