@@ -74,12 +74,15 @@ def test_metrics_jsonl_and_progress_line(tmp_path, digits):
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, digits):
   x, y = digits
-  model, workdir = models.MLP(hidden=(16,)), str(tmp_path)
-  train_lib.train(model, _config(steps=20), x, y, workdir, log=lambda s: None)
+  model, workdir, config = models.MLP(hidden=(16,)), str(tmp_path), _config(steps=40)
+  # A huge (finite) image, first shown at step 21 (the data order of epoch 0), overflows the
+  # logits there: the loss is nan from step 21 on, after the checkpoint at step 20.
+  order = np.asarray(jax.random.permutation(jax.random.fold_in(jax.random.key(3), 0), len(x)))
+  assert config.seed == 3 and 21 * 64 <= len(x)
   bad = x.copy()
-  bad[:] = np.nan
+  bad[order[20 * 64]] = 3e38
   with pytest.raises(train_lib.TrainingDiverged, match='step 25.*last good checkpoint'):
-    train_lib.train(model, _config(steps=40), bad, y, workdir, log=lambda s: None)
+    train_lib.train(model, config, bad, y, workdir, log=lambda s: None)
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['20']
   state, _ = train_lib.create_state(model, _config(), x.shape[1:])
   restored = train_lib.restore_latest(workdir, state, _config())
@@ -113,9 +116,15 @@ def test_checkpoint_of_another_model_is_refused_and_kept(tmp_path, digits):
   x, y = digits
   config = _config(steps=5, checkpoint_every=5)
   train_lib.train(models.MLP(hidden=(16,)), config, x, y, str(tmp_path), log=lambda s: None)
-  with pytest.raises(ValueError, match='does not match this model.*new --workdir'):
+  record = (tmp_path / 'run.json').read_bytes()
+  with pytest.raises(ValueError, match='holds a run with model.hidden=16; this one has model.hidde'):
     train_lib.train(models.MLP(hidden=(32,)), config, x, y, str(tmp_path), log=lambda s: None)
   assert os.listdir(tmp_path / 'checkpoints') == ['5']
+  assert (tmp_path / 'run.json').read_bytes() == record
+  # Restoring another model's checkpoint directly is refused too, before orbax reads anything.
+  other, _ = train_lib.create_state(models.MLP(hidden=(32,)), config, x.shape[1:])
+  with pytest.raises(train_lib.CheckpointMismatch, match='does not match this model'):
+    train_lib.restore_latest(str(tmp_path), other, config)
 
 
 def test_until_stops_at_a_logging_step_and_a_resume_returns_at_once(tmp_path, digits):

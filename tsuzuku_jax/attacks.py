@@ -17,6 +17,9 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from tsuzuku_jax import checks
 
 LogitsFn = Callable[[jax.Array], jax.Array]
 
@@ -96,7 +99,6 @@ def _loss_and_margin(logits_fn, x, y, loss):
   return jnp.sum(per_example), (per_example, m)
 
 
-@functools.partial(jax.jit, static_argnames=('logits_fn', 'steps', 'restarts', 'loss'))
 def pgd_l2(
   logits_fn: LogitsFn,
   x: jax.typing.ArrayLike,
@@ -137,7 +139,44 @@ def pgd_l2(
 
   Returns:
     x_adv: (B, H, W, C) adversarial images, same dtype as x.
+
+  Raises:
+    InvalidInput: (concrete inputs only) non-finite x or x outside [clip_min, clip_max],
+      labels outside [0, K) or of another length, or a negative or non-finite eps.
   """
+  checks.check_images(x, 'x', pixel_range=pixel_box(clip_min, clip_max), ndim=None)
+  checks.check_labels_for(logits_fn, x, y, 'y')
+  if not isinstance(eps, jax.core.Tracer):
+    e = np.asarray(eps, np.float64)
+    if not (np.all(np.isfinite(e)) and np.all(e >= 0)):
+      raise checks.InvalidInput(f'eps must be finite and >= 0, got {e.min()}..{e.max()}')
+  return _pgd_l2(
+    logits_fn, x, y, eps, key=key, steps=steps, restarts=restarts, step_size=step_size,
+    loss=loss, clip_min=clip_min, clip_max=clip_max,
+  )  # fmt: skip
+
+
+def pixel_box(clip_min: float | None, clip_max: float | None) -> tuple[float, float]:
+  """The (lo, hi) range clean images must lie in for PGD's box (None: unbounded)."""
+  lo = -np.inf if clip_min is None else clip_min
+  return lo, np.inf if clip_max is None else clip_max
+
+
+@functools.partial(jax.jit, static_argnames=('logits_fn', 'steps', 'restarts', 'loss'))
+def _pgd_l2(
+  logits_fn: LogitsFn,
+  x: jax.typing.ArrayLike,
+  y: jax.typing.ArrayLike,
+  eps: jax.typing.ArrayLike,
+  *,
+  key: jax.Array,
+  steps: int = 40,
+  restarts: int = 4,
+  step_size: jax.typing.ArrayLike | None = None,
+  loss: str = 'margin',
+  clip_min: float | None = 0.0,
+  clip_max: float | None = 1.0,
+) -> jax.Array:
   x = jnp.asarray(x)
   y = jnp.asarray(y)
   eps = _per_example(eps, x)

@@ -7,16 +7,24 @@ Dataset names accepted by `load` and `validate_name`:
 - `'mnist'`, `'fashion_mnist'`, `'cifar10'`, ... (`TFDS_NAMES`): through tensorflow_datasets
   (`tfds.data_source`), imported lazily, for machines with internet or a prepared `data_dir`.
 - `'npz:PATH'`: one `.npz` file, or a folder of `.npz` parts concatenated in sorted-name order,
-  holding `x_train, y_train, x_test, y_test` (uint8 images NHWC or NHW, integer labels).
+  holding `x_train, y_train, x_test, y_test` (images NHWC or NHW, uint8 in [0, 255] or float
+  in [0, 1]; integer labels 0..K-1, every class occurring in `y_train`).
+
+Every loaded split is checked (finite pixels in [0, 1], labels in [0, K)); errors are
+`checks.InvalidInput` (a ValueError) naming the file, the key and the first bad entry.
 """
 
+import hashlib
 import os
+import zipfile
 from collections.abc import Iterator, Sequence
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from tsuzuku_jax.checks import InvalidInput, MissingInput, check_images, check_labels
 
 SPLITS = ('train', 'test')
 TFDS_NAMES = ('mnist', 'fashion_mnist', 'cifar10', 'cifar100', 'kmnist', 'svhn_cropped')
@@ -25,7 +33,7 @@ NAMES = ('digits', *TFDS_NAMES, 'npz:PATH')
 
 def _check_split(split: str) -> None:
   if split not in SPLITS:
-    raise ValueError(f'split must be one of {SPLITS}, got {split!r}')
+    raise InvalidInput(f'split must be one of {SPLITS}, got {split!r}')
 
 
 def validate_name(name: str) -> None:
@@ -41,33 +49,78 @@ def validate_name(name: str) -> None:
   if name.startswith('npz:'):
     path = name[len('npz:') :]
     if not path:
-      raise ValueError(f'dataset {name!r}: npz: needs a path, e.g. npz:/data/mnist.npz')
+      raise InvalidInput(f'dataset {name!r}: npz: needs a path, e.g. npz:/data/mnist.npz')
     if not os.path.exists(path):
-      raise FileNotFoundError(f'dataset {name!r}: path {path!r} does not exist')
+      raise MissingInput(f'dataset {name!r}: path {path!r} does not exist')
   elif name != 'digits' and name not in TFDS_NAMES:
-    raise ValueError(f'unknown dataset {name!r}; accepted names: {", ".join(NAMES)}')
+    raise InvalidInput(f'unknown dataset {name!r}; accepted names: {", ".join(NAMES)}')
 
 
 def _to_arrays(images: np.ndarray, labels: np.ndarray, where: str) -> tuple[np.ndarray, np.ndarray]:
-  """uint8 images (N,H,W[,C]) and integer labels (N,) -> float32 (N,H,W,C) in [0,1], int32 (N,)."""
+  """uint8 [0, 255] or float [0, 1] images (N,H,W[,C]) and integer labels (N,) -> float32
+  (N,H,W,C) in [0,1], int32 (N,). `where` names the source (file and keys) in every error."""
   images, labels = np.asarray(images), np.asarray(labels)
-  if images.dtype != np.uint8:
-    raise ValueError(f'{where}: images must be uint8 (0..255), got dtype {images.dtype}')
   if images.ndim == 3:
     images = images[..., None]
   if images.ndim != 4:
-    raise ValueError(f'{where}: images must be (N,H,W) or (N,H,W,C), got shape {images.shape}')
+    raise InvalidInput(f'{where}: images must be (N,H,W) or (N,H,W,C), got shape {images.shape}')
   if labels.ndim == 2 and labels.shape[1] == 1:
     labels = labels[:, 0]
   if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-    raise ValueError(
+    raise InvalidInput(
       f'{where}: labels must be integers of shape (N,), got {labels.dtype} {labels.shape}'
     )
   if len(labels) != len(images):
-    raise ValueError(f'{where}: {len(images)} images but {len(labels)} labels')
-  x = images.astype(np.float32)
-  x /= 255.0
+    raise InvalidInput(f'{where}: {len(images)} images but {len(labels)} labels')
+  if images.dtype == np.uint8:
+    x = images.astype(np.float32)
+    x /= 255.0
+  elif np.issubdtype(images.dtype, np.floating):
+    x = images.astype(np.float32)
+    try:
+      check_images(x)
+    except InvalidInput as e:
+      raise InvalidInput(f'{where}: {e} (float images must lie in [0, 1])') from None
+  else:
+    raise InvalidInput(
+      f'{where}: images have dtype {images.dtype}; expected uint8 in [0, 255] or float in [0, 1]'
+    )
+  try:
+    check_labels(labels, None)
+  except InvalidInput as e:
+    raise InvalidInput(f'{where}: {e}') from None
   return x, labels.astype(np.int32)
+
+
+def _check_classes(labels: np.ndarray, num_classes: int, where: str) -> None:
+  try:
+    check_labels(labels, num_classes)
+  except InvalidInput as e:
+    raise InvalidInput(f'{where}: {e} ({num_classes} classes)') from None
+
+
+def infer_num_classes(train_labels: np.ndarray, where: str = 'training labels') -> int:
+  """K = max + 1 of the training labels, each of the classes 0..K-1 occurring at least once.
+
+  A class that never occurs in training almost always means shifted labels (1..K, or 100..109),
+  so it is an error here: relabel, or give `num_classes` to `load` explicitly.
+
+  Raises:
+    InvalidInput: empty or negative labels, or a class in 0..K-1 with no example.
+  """
+  labels = np.asarray(train_labels)
+  if not labels.size:
+    raise InvalidInput(f'{where}: no labels')
+  check_labels(labels, None, where)
+  k = int(labels.max()) + 1
+  missing = np.setdiff1d(np.arange(k), labels)
+  if missing.size:
+    shown = ', '.join(str(int(m)) for m in missing[:5]) + (', ...' if missing.size > 5 else '')
+    raise InvalidInput(
+      f'{where}: labels run up to {k - 1} but {missing.size} of the classes 0..{k - 1} never '
+      f'occur ({shown}); labels must be 0..K-1 (relabel, or pass num_classes)'
+    )
+  return k
 
 
 def _load_digits(split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -85,33 +138,41 @@ def _load_digits(split: str) -> tuple[np.ndarray, np.ndarray]:
   return images, labels[idx]
 
 
-def _load_npz(path: str, split: str) -> tuple[np.ndarray, np.ndarray]:
-  xk, yk = f'x_{split}', f'y_{split}'
+def _npz_parts(path: str) -> list[str]:
   if not os.path.exists(path):
-    raise FileNotFoundError(f'npz dataset path {path!r} does not exist')
-  if os.path.isdir(path):
-    files = sorted(f for f in os.listdir(path) if f.endswith('.npz'))
-    if not files:
-      raise FileNotFoundError(f'npz dataset folder {path!r} contains no .npz files')
-    xs, ys = [], []
-    for f in files:
-      part = os.path.join(path, f)
-      with np.load(part) as z:
-        has = (xk in z.files, yk in z.files)
-        if has == (True, True):
-          xs.append(z[xk])
-          ys.append(z[yk])
-        elif any(has):
-          missing = yk if has[0] else xk
-          raise ValueError(f'npz part {part!r} has {xk if has[0] else yk} but no key {missing!r}')
-    if not xs:
-      raise ValueError(f'no .npz part in folder {path!r} has keys {xk!r} and {yk!r}')
-    return _to_arrays(np.concatenate(xs), np.concatenate(ys), f'npz folder {path!r} {split}')
-  with np.load(path) as z:
-    for k in (xk, yk):
-      if k not in z.files:
-        raise ValueError(f'npz file {path!r} has no key {k!r} (keys: {", ".join(z.files)})')
-    return _to_arrays(z[xk], z[yk], f'npz file {path!r} {split}')
+    raise MissingInput(f'npz dataset path {path!r} does not exist')
+  if not os.path.isdir(path):
+    return [path]
+  files = sorted(f for f in os.listdir(path) if f.endswith('.npz'))
+  if not files:
+    raise MissingInput(f'npz dataset folder {path!r} contains no .npz files')
+  return [os.path.join(path, f) for f in files]
+
+
+def _read_npz(part: str, keys: tuple[str, ...], folder: bool) -> list[np.ndarray] | None:
+  """The arrays under `keys` in one file; None for a folder part that has none of them."""
+  try:
+    with np.load(part) as z:
+      has = [k in z.files for k in keys]
+      if not any(has) and folder:
+        return None
+      if not all(has):
+        missing = keys[has.index(False)]
+        raise InvalidInput(f'npz file {part!r} has no key {missing!r} (keys: {", ".join(z.files)})')
+      return [z[k] for k in keys]
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+    if isinstance(e, InvalidInput):
+      raise
+    raise InvalidInput(f'npz file {part!r} cannot be read: {type(e).__name__}: {e}') from None
+
+
+def _load_npz(path: str, split: str, keys: tuple[str, ...]) -> list[np.ndarray]:
+  parts = _npz_parts(path)
+  folder = os.path.isdir(path)
+  arrays = [a for a in (_read_npz(p, keys, folder) for p in parts) if a is not None]
+  if not arrays:
+    raise InvalidInput(f'no .npz part in folder {path!r} has keys {", ".join(map(repr, keys))}')
+  return [np.concatenate(col) if len(col) > 1 else col[0] for col in zip(*arrays, strict=True)]
 
 
 def _load_tfds(name: str, split: str, data_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
@@ -129,39 +190,91 @@ def _load_tfds(name: str, split: str, data_dir: str | None) -> tuple[np.ndarray,
   return _to_arrays(images, labels, f'tfds {name!r} {split}')
 
 
-def load(name: str, split: str, *, data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-  """Loads a dataset split as host arrays.
+def _load_npz_split(path: str, split: str, num_classes: int | None):
+  xk, yk = f'x_{split}', f'y_{split}'
+  kind = 'folder' if os.path.isdir(path) else 'file'
+  x, y = _load_npz(path, split, (xk, yk))
+  images, labels = _to_arrays(x, y, f'npz {kind} {path!r} keys {xk!r}, {yk!r}')
+  if num_classes is None:
+    train = labels if split == 'train' else _load_npz(path, 'train', ('y_train',))[0]
+    train = train.reshape(len(train), -1)[:, 0] if np.ndim(train) == 2 else train
+    num_classes = infer_num_classes(train, f"npz {kind} {path!r} key 'y_train'")
+  _check_classes(labels, num_classes, f'npz {kind} {path!r} key {yk!r}')
+  return images, labels
+
+
+def load(
+  name: str, split: str, *, data_dir: str | None = None, num_classes: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+  """Loads a dataset split as host arrays, checked: finite images in [0, 1], labels in [0, K).
 
   `'digits'` uses scikit-learn's `load_digits` (pixel values 0..16 divided by 16) and the fixed
   split `train_test_split(np.arange(1797), test_size=0.25, random_state=0, stratify=labels)`:
   1,347 train / 450 test images, in the order that call returns them.
 
+  `'npz:PATH'` accepts uint8 images in [0, 255] (divided by 255) or float images in [0, 1]
+  (kept as they are); NHW arrays get a channel axis and (N, 1) labels are flattened. Without
+  `num_classes`, K is inferred from `y_train` (`infer_num_classes`: every class 0..K-1 must
+  occur there), also when loading the test split.
+
   Args:
     name: `'digits'`, a name in `TFDS_NAMES`, or `'npz:PATH'` (see the module docstring).
     split: `'train'` or `'test'`.
     data_dir: tensorflow_datasets data directory (tfds names only; None: tfds's default).
+    num_classes: K, when known; labels outside [0, K) are an error.
 
   Returns:
     `(images, labels)`: images float32 (N, H, W, C) in [0, 1]; labels int32 (N,).
 
   Raises:
-    ValueError: unknown name or split, or malformed npz content (missing key, non-uint8
-      images, label count mismatch); the message names the path and the problem.
-    FileNotFoundError: an npz path that does not exist, or a folder without `.npz` files.
+    InvalidInput (a ValueError): unknown name or split, or malformed content (a missing key, an
+      unreadable file, images of another dtype or outside [0, 1], non-finite pixels, labels
+      outside [0, K), a count mismatch); the message names the file, the key and the problem.
+    MissingInput (a FileNotFoundError): an npz path that does not exist, or a folder without
+      `.npz` files.
     ImportError: a tfds name where tensorflow_datasets is not installed.
   """
   _check_split(split)
   validate_name(name)
   if name == 'digits':
-    return _load_digits(split)
+    images, labels = _load_digits(split)
+    _check_classes(labels, num_classes or 10, 'digits')
+    return images, labels
   if name.startswith('npz:'):
-    return _load_npz(name[len('npz:') :], split)
-  return _load_tfds(name, split, data_dir)
+    return _load_npz_split(name[len('npz:') :], split, num_classes)
+  images, labels = _load_tfds(name, split, data_dir)
+  if num_classes is not None:
+    _check_classes(labels, num_classes, f'tfds {name!r} {split}')
+  return images, labels
 
 
 def num_classes(labels: np.ndarray) -> int:
-  """Number of classes assuming labels 0..K-1: `max(labels) + 1`."""
-  return int(np.max(labels)) + 1
+  """Number of classes of training labels 0..K-1: `infer_num_classes` (every class occurs)."""
+  return infer_num_classes(labels)
+
+
+def fingerprint(*arrays: np.ndarray) -> str:
+  """A 128-bit BLAKE2b digest of the arrays' dtypes, shapes and bytes (hex): equal digests mean
+  equal arrays, bit for bit. About 1 GB/s on one core."""
+  h = hashlib.blake2b(digest_size=16)
+  for a in arrays:
+    a = np.ascontiguousarray(a)
+    h.update(f'{a.dtype.str}{a.shape};'.encode())
+    h.update(a.data.cast('B') if a.size else b'')
+  return h.hexdigest()
+
+
+def identity(name: str, **splits: tuple[np.ndarray, np.ndarray]) -> dict:
+  """What a run was computed on: the dataset name and, per split, its size, image shape,
+  number of classes present and a fingerprint of the images and labels (for `run.json`)."""
+  out = {'name': name}
+  for split, (images, labels) in splits.items():
+    out[split] = {
+      'examples': int(len(images)),
+      'image_shape': [int(d) for d in np.shape(images)[1:]],
+      'fingerprint': fingerprint(images, labels),
+    }
+  return out
 
 
 def steps_per_epoch(n: int, batch_size: int, drop_remainder: bool = True) -> int:

@@ -31,7 +31,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from tsuzuku_jax import collectives, compression, data, variance
+from tsuzuku_jax import checks, collectives, compression, data, variance
 
 AXIS = 'data'
 
@@ -284,8 +284,15 @@ def train(
     `(params, history)`: history holds per-step 'density' (sent / elements) and 'overflow',
     per-evaluation 'eval_step', 'test_accuracy', 'train_loss', cumulative 'ratio_static',
     'ratio_ideal' (bytes) and 'ratio_elements', and the totals.
-  """
 
+  Raises:
+    InvalidInput: non-finite parameters or images, or labels outside [0, K) for the K logits
+      of `apply_fn` (checked once, before the first step).
+  """
+  checks.check_params(params)
+  for split, (x, y) in (('train', train_data), ('test', test_data)):
+    checks.check_images(x, f'{split} images', pixel_range=None)
+    checks.check_labels_for(lambda z: apply_fn(params, z), x, y, f'{split} labels')
   images, labels = train_data
   state, tx = init_state(config, params)
   state = place(state, config, mesh)

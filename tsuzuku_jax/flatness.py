@@ -32,20 +32,11 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from tsuzuku_jax import pac_bayes
+from tsuzuku_jax.checks import check_images, check_labels_for, check_params
 
 PyTree = Any
 LossFn = Callable[[PyTree], jax.Array]  # params -> scalar loss
 Operator = Callable[[PyTree], PyTree]  # a symmetric linear map on parameter-shaped pytrees
-
-
-def check_params(params: PyTree, name: str = 'params') -> None:
-  """Raises ValueError naming the first leaf that is not a finite floating-point array."""
-  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-    where = f'{name}{jax.tree_util.keystr(path)}'
-    if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
-      raise ValueError(f'{where} has dtype {jnp.result_type(leaf)}; expected a float array')
-    if not bool(jnp.all(jnp.isfinite(leaf))):
-      raise ValueError(f'{where} has non-finite values (nan or inf)')
 
 
 def hvp(loss_fn: LossFn, params: PyTree, v: PyTree) -> PyTree:
@@ -464,7 +455,7 @@ def measure_fn(
 ) -> Callable[[PyTree, jax.Array, jax.Array, jax.Array], dict]:
   """`fn(params, images, labels, key) -> {name: scalar}`: every measure of a ReLU classifier
   at `params` on (images, labels) with the mean cross-entropy loss, in one jit (non-finite
-  parameters are refused by name first).
+  parameters, images and out-of-range labels are refused by name first).
 
   Build it once per architecture: the parameters are a jit argument (see the module docstring),
   so models of the same shapes share one compilation. Scale-dependent ('raw') measures:
@@ -524,7 +515,10 @@ def measure_fn(
   jitted = jax.jit(fn)
 
   def checked(params, images, labels, key):
-    check_params(params)  # on the host, before the jit: a nan would only give nan measures
+    # On the host, before the jit: a nan would only give nan measures.
+    check_params(params)
+    check_images(images, pixel_range=None, ndim=None)
+    check_labels_for(lambda x: apply_fn(params, x), images, labels)
     return jitted(params, images, labels, key)
 
   return checked

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tsuzuku_jax import attacks
+from tsuzuku_jax import attacks, checks
 
 LogitsFn = Callable[[jax.Array], jax.Array]
 MODES = ('random_sign', 'per_channel')
@@ -35,10 +35,9 @@ def _check_grid(hw) -> tuple[int, int]:
   return h, w
 
 
-def check_images(images: jax.Array, name: str = 'images') -> None:
-  """Raises ValueError unless `images` is an NHWC batch (4-D)."""
-  if np.ndim(images) != 4:
-    raise ValueError(f'{name} must be an NHWC batch (N, H, W, C); got shape {np.shape(images)}')
+def _check_pixels(images, clip, name: str = 'images') -> None:
+  """NHWC, finite, and within the clip range when the function works in pixel space."""
+  checks.check_images(images, name, pixel_range=None if clip is None else tuple(clip))
 
 
 def check_frequency(hw, freq) -> tuple[int, int]:
@@ -114,13 +113,14 @@ def _perturbed(images, deltas, clip):
   return z.reshape(-1, *images.shape[1:])
 
 
-def _errors_and_loss(logits_fn, images, labels, deltas, clip):
-  """Per direction: misclassified count and summed loss of images + deltas[k], (K,) each."""
+def _errors_and_loss(logits_fn, images, labels, deltas, clip, valid):
+  """Per direction: misclassified count and summed loss of images + deltas[k] over the images
+  where `valid` (B,) is true (padding is masked out), (K,) each."""
   k, b = deltas.shape[0], images.shape[0]
   logits = logits_fn(_perturbed(images, deltas, clip)).reshape(k, b, -1)
-  wrong = jnp.argmax(logits, -1) != labels
+  wrong = (jnp.argmax(logits, -1) != labels) & valid
   loss = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[None, :, None], -1)[..., 0]
-  return jnp.sum(wrong, 1), jnp.sum(loss, 1)
+  return jnp.sum(wrong, 1), jnp.sum(jnp.where(valid, loss, 0.0), 1)
 
 
 def image_signs(key: jax.Array, direction_index, n: int) -> jax.Array:
@@ -139,17 +139,22 @@ def _heat_map(logits_fn, images, labels, eps, key, *, chunk, batch, mode, clip):
   n, h, w, c = images.shape
   freqs = all_frequencies((h, w))
   k = freqs.shape[0]
-  n_chunks, n_batches = -(-k // chunk), n // batch
+  n_chunks, n_batches = -(-k // chunk), -(-n // batch)
   freqs = jnp.concatenate([freqs, jnp.zeros((n_chunks * chunk - k, 2), jnp.int32)])
-  imgs = images[: n_batches * batch].reshape(n_batches, batch, h, w, c)
-  labs = labels[: n_batches * batch].reshape(n_batches, batch)
+  # Every image counts: the last batch is padded with zero images, masked out of the sums.
+  pad = n_batches * batch - n
+  imgs = jnp.concatenate([images, jnp.zeros((pad, h, w, c), images.dtype)])
+  imgs = imgs.reshape(n_batches, batch, h, w, c)
+  labs = jnp.concatenate([labels, jnp.zeros((pad,), labels.dtype)]).reshape(n_batches, batch)
+  valid = (jnp.arange(n_batches * batch) < n).reshape(n_batches, batch)
   channels = range(c) if mode == 'per_channel' else [None]
 
   def one_chunk(ci):
     dirs = basis((h, w), jax.lax.dynamic_slice_in_dim(freqs, ci * chunk, chunk))
     if mode == 'random_sign':
       ks = ci * chunk + jnp.arange(chunk)
-      signs = jax.vmap(lambda k: image_signs(key, k, n_batches * batch))(ks)
+      signs = jax.vmap(lambda k: image_signs(key, k, n))(ks)
+      signs = jnp.concatenate([signs, jnp.ones((chunk, pad), signs.dtype)], 1)
 
     def one_batch(carry, bi):
       x, y = imgs[bi], labs[bi]
@@ -161,7 +166,7 @@ def _heat_map(logits_fn, images, labels, eps, key, *, chunk, batch, mode, clip):
         else:
           onehot = jax.nn.one_hot(ch, c)
           deltas = eps * dirs[:, None, :, :, None] * onehot
-        outs.append(_errors_and_loss(logits_fn, x, y, deltas, clip))
+        outs.append(_errors_and_loss(logits_fn, x, y, deltas, clip, valid[bi]))
       wrong = jnp.stack([o[0] for o in outs])
       loss = jnp.stack([o[1] for o in outs])
       return (carry[0] + wrong, carry[1] + loss), None
@@ -171,9 +176,8 @@ def _heat_map(logits_fn, images, labels, eps, key, *, chunk, batch, mode, clip):
     return wrong, loss
 
   wrong, loss = jax.lax.map(one_chunk, jnp.arange(n_chunks))  # (n_chunks, C', chunk)
-  count = n_batches * batch
-  err = jnp.moveaxis(wrong, 1, 0).reshape(len(channels), -1)[:, :k] / count
-  los = jnp.moveaxis(loss, 1, 0).reshape(len(channels), -1)[:, :k] / count
+  err = jnp.moveaxis(wrong, 1, 0).reshape(len(channels), -1)[:, :k] / n
+  los = jnp.moveaxis(loss, 1, 0).reshape(len(channels), -1)[:, :k] / n
   return err.reshape(-1, h, w), los.reshape(-1, h, w)
 
 
@@ -193,15 +197,17 @@ def heat_map(
 
   Every frequency of the grid is evaluated inside one jit: `chunk` directions at a time
   over the images in batches of `batch` (scan), so memory is bounded by chunk * batch images.
+  Every image counts: the last batch is padded and the padding masked out, so the result is
+  the average over all N images whatever `batch` is.
 
   Args:
     logits_fn: a pure function images (B, H, W, C) -> logits (B, K), treating examples
       independently; pass the same function object across calls to reuse the compilation.
-    images: (N, H, W, C) in pixel units; N is truncated to a multiple of `batch`.
-    labels: (N,) int labels.
+    images: (N, H, W, C) finite, in pixel units (within `clip` when it is given).
+    labels: (N,) int labels in [0, K).
     eps: L2 norm of the perturbation (over all channels), >= 0.
     key: PRNG key for 'random_sign': direction k (the row-major index of (u, v)) flips image i
-      by `image_signs(key, k, N')[i]`, N' the images used; independent of chunk and batch.
+      by `image_signs(key, k, N)[i]`; independent of chunk and batch.
     mode: 'random_sign' (the same pattern on every channel, times a random sign per image; Yin
       et al.'s code draws a sign per image and channel and puts the full norm on each channel)
       or 'per_channel' (one map per channel, perturbing only that channel).
@@ -214,9 +220,11 @@ def heat_map(
     M = 1 ('random_sign') or C ('per_channel').
 
   Raises:
-    ValueError: images not NHWC, a negative eps, an unknown mode, or bad chunk/batch sizes.
+    ValueError: images not NHWC, non-finite or outside `clip`, labels outside [0, K) or of
+      another length, a negative eps, an unknown mode, or bad chunk/batch sizes.
   """
-  check_images(images)
+  _check_pixels(images, clip)
+  checks.check_labels_for(logits_fn, images, labels)
   if eps < 0:
     raise ValueError(f'eps must be >= 0, got {eps}')
   if mode not in MODES:
@@ -338,7 +346,9 @@ def fourier_attack(
   Returns:
     An `AttackResult`; its fooling rate is on the whole search set.
   """
-  check_images(images)
+  _check_pixels(images, clip)
+  if labels is not None:
+    checks.check_labels(labels, None, 'labels', n=np.shape(images)[0])
   if eps < 0:
     raise ValueError(f'eps must be >= 0, got {eps}')
   if norm not in ('l2', 'linf'):
@@ -393,8 +403,14 @@ def fooling_rate(
   clip: tuple[float, float] | None = (0.0, 1.0),
   batch: int = 256,
 ) -> float:
-  """Fraction of `images` whose predicted label under `images + delta` differs from `labels`."""
-  check_images(images)
+  """Fraction of `images` whose predicted label under `images + delta` differs from `labels`
+  (all N images, the last batch smaller)."""
+  _check_pixels(images, clip)
+  checks.check_labels(labels, None, 'labels', n=np.shape(images)[0])
+  return _fooling_rate(query_fn, images, delta, labels, clip=clip, batch=batch)
+
+
+def _fooling_rate(query_fn, images, delta, labels, *, clip, batch):
   fooled = 0
   for i in range(0, images.shape[0], batch):
     x = jnp.asarray(images[i : i + batch], jnp.float32) + delta
@@ -418,13 +434,15 @@ def shifted_fooling_rates(
   on the grid's multiples of `stride`: an (H / stride, W / stride) array, rounded up."""
   if stride < 1:
     raise ValueError(f'stride must be >= 1, got {stride}')
+  _check_pixels(images, clip)
+  checks.check_labels(labels, None, 'labels', n=np.shape(images)[0])
   h, w = delta.shape[:2]
   rows, cols = range(0, h, stride), range(0, w, stride)
   out = np.zeros((len(rows), len(cols)))
   for a, i in enumerate(rows):
     for b, j in enumerate(cols):
       shifted = jnp.roll(delta, (i, j), axis=(0, 1))
-      out[a, b] = fooling_rate(query_fn, images, shifted, labels, clip=clip, batch=batch)
+      out[a, b] = _fooling_rate(query_fn, images, shifted, labels, clip=clip, batch=batch)
   return out
 
 
@@ -460,7 +478,8 @@ def calibrate_eps(
   `target`. Returns `(eps, rate)`: the largest evaluated eps whose mean rate is <= target, and
   that rate. Queries `trials` * N labels per evaluated eps.
   """
-  check_images(images)
+  _check_pixels(images, clip)
+  checks.check_labels(labels, None, 'labels', n=np.shape(images)[0])
   if not 0 <= target < 1 or trials < 1 or iters < 1:
     raise ValueError(
       f'need 0 <= target < 1, trials >= 1, iters >= 1; got {target}, {trials}, {iters}'
@@ -471,7 +490,7 @@ def calibrate_eps(
   def rate(eps):
     return float(
       np.mean(
-        [fooling_rate(query_fn, images, eps * u, labels, clip=clip, batch=batch) for u in units]
+        [_fooling_rate(query_fn, images, eps * u, labels, clip=clip, batch=batch) for u in units]
       )
     )
 
@@ -527,7 +546,8 @@ def whitebox_universal(
   Returns:
     The (H, W, C) perturbation, with norm <= eps.
   """
-  check_images(images)
+  _check_pixels(images, clip)
+  checks.check_labels_for(logits_fn, images, labels)
   if eps < 0 or steps < 1:
     raise ValueError(f'need eps >= 0 and steps >= 1, got eps={eps}, steps={steps}')
   if norm not in ('l2', 'linf'):

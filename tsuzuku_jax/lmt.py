@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from tsuzuku_jax import attacks
+from tsuzuku_jax import attacks, checks
 from tsuzuku_jax.models import LipBounds
 
 FORMS = ('global', 'pairwise')
@@ -113,7 +113,7 @@ def certified_radius(logits: jax.Array, pair_lip: jax.Array) -> tuple[jax.Array,
   ||delta||_2 < radius the network's prediction at x + delta equals `pred` (up to float32
   rounding of the logits). A tie for the top logit gives radius 0: a point on the decision
   boundary is never certified (cf. klasleino/gloro#9). A zero bound with a positive margin
-  gives an infinite radius.
+  gives an infinite radius. Non-finite logits (or bounds) give radius 0: nothing is claimed.
 
   Args:
     logits: (B, K).
@@ -129,7 +129,8 @@ def certified_radius(logits: jax.Array, pair_lip: jax.Array) -> tuple[jax.Array,
   ratio = jnp.where(lip > 0, gap / jnp.where(lip > 0, lip, 1.0), jnp.where(gap > 0, jnp.inf, 0.0))
   is_pred = jax.nn.one_hot(pred, logits.shape[-1], dtype=bool)
   radius = jnp.min(jnp.where(is_pred, jnp.inf, ratio), -1)
-  return pred, jnp.maximum(radius, 0.0)
+  finite = jnp.all(jnp.isfinite(logits), -1) & jnp.all(jnp.isfinite(lip) | is_pred, -1)
+  return pred, jnp.where(finite, jnp.maximum(radius, 0.0), 0.0)
 
 
 def certified_accuracy(
@@ -173,11 +174,17 @@ def certify_dataset(
     eps: radii at which to report certified accuracy.
     batch_size: evaluation batch.
 
+  Raises:
+    InvalidInput: non-finite images, or labels outside [0, K) or of another length.
+
   Returns:
     dict with 'pred' (N,), 'correct' (N,), and per form: 'radius_<form>' (N,),
     'certified_accuracy_<form>' (E,), 'median_radius_<form>' (median over the test set of the
     radius, counted 0 for misclassified points, as in LMT).
   """
+  checks.check_images(images, pixel_range=None, ndim=None)
+  k = bounds.head_pairwise.shape[-1]
+  checks.check_labels(labels, k, n=np.shape(images)[0])
   logits_fn = jax.jit(logits_fn)
   preds, radii = [], {f: [] for f in FORMS}
   lips = {f: pairwise_bounds(bounds, f) for f in FORMS}
@@ -236,13 +243,16 @@ def robustness_report(
 
   PGD runs on the first `attack_examples` test points: robust accuracy at each eps, and an
   attack inside each certified point's own certified radius for each form; a certified point
-  broken inside its radius is a violation, and a sound certificate gives 0.
+  broken inside its radius is a violation, and a sound certificate gives 0. Images must be
+  finite pixel values in [0, 1] (PGD stays in that box).
 
   Returns:
     JSON-ready dict: clean_accuracy, certified_accuracy {form: {eps: acc}},
     median_radius {form: r}, pgd_robust_accuracy {eps: acc}, violations {form: count},
     certified_checked {form: number of certified points attacked}, attack_examples.
   """
+  box = attacks.pixel_box(pgd_kwargs.get('clip_min', 0.0), pgd_kwargs.get('clip_max', 1.0))
+  checks.check_images(images, ndim=None, pixel_range=box)
   cert = certify_dataset(logits_fn, bounds, images, labels, eps, batch_size=batch_size)
   n = min(attack_examples, len(images))
   x, y = images[:n], labels[:n]

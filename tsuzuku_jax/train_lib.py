@@ -22,7 +22,8 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from tsuzuku_jax import data, lmt
+from tsuzuku_jax import checks, data, lmt
+from tsuzuku_jax import workdir as record
 
 
 class TrainState(NamedTuple):
@@ -213,6 +214,32 @@ def restore_latest(workdir: str, state: TrainState, config: TrainConfig) -> Trai
   return TrainState(**restored)
 
 
+def describe_model(model) -> dict:
+  """A Flax module's class and fields (its configuration), for run records."""
+  fields = {}
+  if dataclasses.is_dataclass(model):
+    skip = ('parent', 'name')
+    fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(model) if f.name not in skip}
+  return {'class': type(model).__name__, **(fields or {'repr': repr(model)})}
+
+
+def logged_seconds(workdir: str) -> float:
+  """Wall time of a run in `workdir` over all its invocations (compilation included), summed
+  from `metrics.jsonl`; work redone after an interruption is not counted twice."""
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return 0.0
+  with open(path) as f:
+    return float(sum(json.loads(line).get('time', 0.0) for line in f if line.strip()))
+
+
+def params_fingerprint(state: TrainState) -> str:
+  """Digest of the parameters and batch statistics (`data.fingerprint`): equal digests mean
+  bit-identical models, e.g. a resumed run and an uninterrupted one."""
+  leaves = jax.tree.leaves(jax.device_get((state.params, state.batch_stats)))
+  return data.fingerprint(*(np.asarray(a) for a in leaves))
+
+
 def _all_finite(metrics: dict) -> bool:
   return all(np.isfinite(np.asarray(v)).all() for v in metrics.values())
 
@@ -235,19 +262,36 @@ def train(
   resumed run whose checkpoint already meets it returns at once. With a schedule that does not
   depend on `config.steps` ('constant'), the stopped state is the one a longer run would pass.
 
-  Writes `workdir/metrics.jsonl` (one line per logging step) and orbax checkpoints in
-  `workdir/checkpoints` every `config.checkpoint_every` steps and at the end. With a `mesh`
-  (axis 'data'), each global batch is sharded over it and the state is replicated.
+  Writes `workdir/run.json` (the model, `config` and a fingerprint of the data: a later call
+  resumes only the same run), `workdir/metrics.jsonl` (exactly one line per logging step, also
+  across interruptions: lines past the checkpoint a run resumes from are dropped, as those
+  steps are redone) and orbax checkpoints in `workdir/checkpoints` every
+  `config.checkpoint_every` steps and at the end. With a `mesh` (axis 'data'), each global
+  batch is sharded over it and the state is replicated.
 
   Raises:
+    InvalidInput: non-finite images, or labels outside [0, K) for the model's K outputs.
+    WorkdirMismatch: `workdir` holds another model, configuration or data (nothing touched).
     TrainingDiverged: the loss became NaN/Inf; the last checkpoint saved is the last good one.
   """
   import orbax.checkpoint as ocp
 
-  os.makedirs(workdir, exist_ok=True)
+  checks.check_images(images, pixel_range=None)
   state, tx = create_state(model, config, images.shape[1:])
+  checks.check_labels(labels, checks.num_outputs(logits_fn(model, state), images), n=len(images))
+  record.open_run(
+    workdir,
+    'train_lib.train',
+    {**dataclasses.asdict(config), 'model': describe_model(model)},
+    {'examples': len(images), 'fingerprint': data.fingerprint(images, labels)},
+    neutral=('log_every', 'checkpoint_every', 'max_checkpoints'),
+    how='use a new workdir',
+  )
   state = restore_latest(workdir, state, config)
   start = int(state.step)
+  metrics_path = os.path.join(workdir, 'metrics.jsonl')
+  # Steps after the checkpoint are redone (identically): their old lines would repeat.
+  record.trim_jsonl(metrics_path, lambda r: r.get('step', 0) <= start)
   if start:
     log(f'resumed from {workdir}/checkpoints at step {start}')
     if until is not None and until(state):
@@ -259,7 +303,7 @@ def train(
   per_epoch = data.steps_per_epoch(len(images), config.batch_size)
   step, t0, t_last, window, last = start, time.time(), time.time(), [], False
   try:
-    with open(os.path.join(workdir, 'metrics.jsonl'), 'a') as metrics_file:
+    with open(metrics_path, 'a') as metrics_file:
       while step < config.steps and not last:
         epoch, skip = divmod(step, per_epoch)
         batches = data.epoch_batches(
