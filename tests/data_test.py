@@ -114,7 +114,7 @@ def test_npz_errors(tmp_path):
 
   path = str(tmp_path / 'int.npz')
   np.savez(path, x_train=np.zeros((2, 2, 2, 1), np.int64), y_train=np.arange(2))
-  with pytest.raises(ValueError, match='int.npz.*dtype int64.*uint8 in .0, 255. or float in .0, 1.'):
+  with pytest.raises(ValueError, match='int.npz.*int64.*uint8 in .0, 255. or float in .0, 1.'):
     data.load('npz:' + path, 'train')
 
   path = str(tmp_path / 'count.npz')

@@ -117,7 +117,7 @@ def test_checkpoint_of_another_model_is_refused_and_kept(tmp_path, digits):
   config = _config(steps=5, checkpoint_every=5)
   train_lib.train(models.MLP(hidden=(16,)), config, x, y, str(tmp_path), log=lambda s: None)
   record = (tmp_path / 'run.json').read_bytes()
-  with pytest.raises(ValueError, match='holds a run with model.hidden=16; this one has model.hidde'):
+  with pytest.raises(ValueError, match='with model.hidden=16; this one has model.hidden=32'):
     train_lib.train(models.MLP(hidden=(32,)), config, x, y, str(tmp_path), log=lambda s: None)
   assert os.listdir(tmp_path / 'checkpoints') == ['5']
   assert (tmp_path / 'run.json').read_bytes() == record

@@ -218,8 +218,8 @@ def describe_model(model) -> dict:
   """A Flax module's class and fields (its configuration), for run records."""
   fields = {}
   if dataclasses.is_dataclass(model):
-    skip = ('parent', 'name')
-    fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(model) if f.name not in skip}
+    names = [f.name for f in dataclasses.fields(model) if f.name not in ('parent', 'name')]
+    fields = {n: getattr(model, n) for n in names}
   return {'class': type(model).__name__, **(fields or {'repr': repr(model)})}
 
 
