@@ -10,20 +10,20 @@ checked every --check_every steps, or --max_steps pass; computes every measure o
 A finished model's model.json is never recomputed: an interrupted run resumes where it stopped.
 Bound: trains a prior on --prior_fraction of the training set, optimises a Gaussian posterior
 on the rest and certifies its test error there (the prior never sees those examples).
-Writes WORKDIR/results.json (tau tables, invariance, bounds) and WORKDIR/flatness.png.
+Writes WORKDIR/results.json (tau tables, invariance, bounds) and WORKDIR/flatness.png at the
+end. WORKDIR/run.json records the run: a later invocation resumes only the same flags and data
+(see experiments/common.py).
 """
 
 import json
 import os
-import sys
 import time
 
+import common
 import numpy as np
 from absl import app, flags, logging
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
-
-from tsuzuku_jax import (  # noqa: E402
+from tsuzuku_jax import (
   data,
   flatness,
   models,
@@ -31,6 +31,7 @@ from tsuzuku_jax import (  # noqa: E402
   plotting,
   rank_correlation,
   train_lib,
+  workdir,
 )
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Output directory.')
@@ -80,8 +81,7 @@ def _numbers(flag, kind):
 
 
 def _validate() -> dict:
-  if not _WORKDIR.value:
-    raise app.UsageError('--workdir is required')
+  common.check_workdir()
   try:
     data.validate_name(_DATASET.value)
   except (ValueError, FileNotFoundError) as e:
@@ -115,14 +115,7 @@ def _validate() -> dict:
   if _RESCALE.value < 1:
     raise app.UsageError(f'--rescale must be >= 1, got {_RESCALE.value}')
   _numbers(_SIGMAS, float)
-  os.makedirs(_WORKDIR.value, exist_ok=True)
   return grid
-
-
-def _write_json(obj, path):
-  with open(path + '.tmp', 'w') as f:
-    json.dump(obj, f, indent=1, default=float)
-  os.replace(path + '.tmp', path)  # atomic: never half-written
 
 
 def _train_model(hp, seed, xtr, ytr, xte, yte, measure_fns, workdir):
@@ -194,11 +187,9 @@ def _zoo(grid, xtr, ytr, xte, yte):
         continue
       try:
         rec = _train_model(hp, seed, xtr, ytr, xte, yte, measure_fns, path)
-      except train_lib.CheckpointMismatch as e:
-        sys.exit(f'error: --workdir: {e}')
       except train_lib.TrainingDiverged as e:
         rec = {**hp, 'seed': seed, 'diverged': str(e)}
-      _write_json(rec, done)
+      workdir.write_json(done, rec)
       rows.append(rec)
       print(
         f'[{len(rows)}/{total}] {name}: steps {rec.get("steps")} loss '
@@ -265,12 +256,9 @@ def _bound(xtr, ytr, xte, yte):
     checkpoint_every=_PRIOR_STEPS.value,
   )  # fmt: skip
   init = train_lib.create_state(model, config, xtr.shape[1:])[0].params
-  try:
-    prior = train_lib.train(
-      model, config, xtr[prior_idx], ytr[prior_idx], os.path.join(_WORKDIR.value, 'prior')
-    ).params
-  except train_lib.CheckpointMismatch as e:
-    sys.exit(f'error: --workdir: {e}')
+  prior = train_lib.train(
+    model, config, xtr[prior_idx], ytr[prior_idx], os.path.join(_WORKDIR.value, 'prior')
+  ).params
   xb, yb = jnp.asarray(xtr[bound_idx]), jnp.asarray(ytr[bound_idx])
   xt, yt = jnp.asarray(xte), jnp.asarray(yte)
   sigmas = _numbers(_SIGMAS, float)
@@ -327,27 +315,21 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   xtr, ytr = data.load(_DATASET.value, 'train')
   xte, yte = data.load(_DATASET.value, 'test')
-  path = os.path.join(_WORKDIR.value, 'results.json')
-  results = {}
-  if os.path.exists(path):
-    with open(path) as f:
-      results = json.load(f)
-  results['dataset'] = _DATASET.value
-  results['flags'] = {
-    h.name: h.value for h in globals().values() if isinstance(h, flags.FlagHolder)
-  }
+  if common.open_workdir(
+    'flatness', data.identity(_DATASET.value, train=(xtr, ytr), test=(xte, yte))
+  ):
+    return
+  results = {'dataset': _DATASET.value, 'flags': common.config()}
   if _ZOO.value:
     results['zoo'] = _analyse(_zoo(grid, xtr, ytr, xte, yte))
-    _write_json(results, path)
     print(f'zoo: {results["zoo"]["converged"]}/{results["zoo"]["models"]} converged', flush=True)
     for m in (*flatness.RAW_MEASURES, *flatness.NORMALIZED_MEASURES):
       t = results['zoo']['tau'][m]['converged'] or results['zoo']['tau'][m]['all']
       print(f'  {m:24s} tau {t["tau"]:+.3f} psi {t["granulated"]["psi"]:+.3f}', flush=True)
   if _BOUND.value:
     results['bound'] = _bound(xtr, ytr, xte, yte)
-  _write_json(results, path)
-  print(f'wrote {path}')
+  common.write_results('flatness', results)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  common.run(main)

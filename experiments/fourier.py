@@ -7,20 +7,18 @@ Trains (or resumes, in WORKDIR/model) a plain cross-entropy model, computes its 
 on test images, runs the label-only Fourier search on --search_images test images at each L2
 norm, evaluates the found perturbation on the held-out rest (and under every circular shift),
 next to random directions and a white-box universal perturbation of the same norm, and writes
-WORKDIR/results.json and WORKDIR/fourier.png.
+WORKDIR/results.json and WORKDIR/fourier.png. WORKDIR/run.json records the run: a later
+invocation resumes only the same flags and data (see experiments/common.py).
 """
 
-import json
 import os
-import sys
 import time
 
+import common
 import numpy as np
 from absl import app, flags, logging
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
-
-from tsuzuku_jax import data, fourier, models, plotting, train_lib  # noqa: E402
+from tsuzuku_jax import data, fourier, models, plotting, train_lib
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Output directory.')
 _DATASET = flags.DEFINE_string('dataset', 'digits', 'digits | mnist | cifar10 | npz:PATH.')
@@ -68,8 +66,7 @@ def _fraction(text: str) -> float:
 
 
 def _validate() -> tuple[list[float | None], list[tuple[str, float]]]:
-  if not _WORKDIR.value:
-    raise app.UsageError('--workdir is required')
+  common.check_workdir()
   try:
     data.validate_name(_DATASET.value)
   except (ValueError, FileNotFoundError) as e:
@@ -113,6 +110,10 @@ def main(argv):
   xte, yte = data.load(_DATASET.value, 'test')
   if len(xte) <= _SEARCH_N.value:
     raise app.UsageError(f'--search_images must be < the {len(xte)} test images')
+  if common.open_workdir(
+    'fourier', data.identity(_DATASET.value, train=(xtr, ytr), test=(xte, yte))
+  ):
+    return
   channels = tuple(int(c) for c in _CHANNELS.value)
   model = models.CNN(data.num_classes(ytr), channels, _DENSE.value, batch_norm=False)
   config = train_lib.TrainConfig(
@@ -123,10 +124,7 @@ def main(argv):
     log_every=max(_STEPS.value // 5, 1),
     checkpoint_every=_STEPS.value,
   )
-  try:
-    state = train_lib.train(model, config, xtr, ytr, os.path.join(_WORKDIR.value, 'model'))
-  except train_lib.CheckpointMismatch as e:
-    sys.exit(f'error: --workdir: {e}')
+  state = train_lib.train(model, config, xtr, ytr, os.path.join(_WORKDIR.value, 'model'))
   logits_fn = jax.jit(train_lib.logits_fn(model, jax.device_get(state)))
   query = jax.jit(lambda x: jnp.argmax(logits_fn(x), -1))
   pred = np.concatenate([np.asarray(query(xte[i : i + 1000])) for i in range(0, len(xte), 1000)])
@@ -161,11 +159,8 @@ def main(argv):
     e = value * float(np.sqrt(np.prod(hw_c) / 2))
     budgets.append((f'linf {text}', e, f'Linf {text} equivalent'))
   heat_x, heat_y = (xte, yte) if not _HEAT_N.value else (xte[: _HEAT_N.value], yte[: _HEAT_N.value])
-  heat_batch = len(heat_x) // -(-len(heat_x) // 256)  # <= 256, dropping < 1 per batch
   t0 = time.time()
-  heat_err, _ = fourier.heat_map(
-    logits_fn, heat_x, heat_y, budgets[0][1], key=key, batch=heat_batch
-  )
+  heat_err, _ = fourier.heat_map(logits_fn, heat_x, heat_y, budgets[0][1], key=key, batch=256)
   heat_err = np.asarray(heat_err[0])
   results = {
     'dataset': _DATASET.value,
@@ -174,7 +169,7 @@ def main(argv):
     'search_images': n,
     'heldout_images': len(held),
     'heat_map_eps': budgets[0][1],
-    'heat_map_images': len(heat_x) // heat_batch * heat_batch,
+    'heat_map_images': len(heat_x),
     'heat_map_seconds': time.time() - t0,
     'heat_map_error': heat_err.tolist(),
     'per_eps': {},
@@ -234,14 +229,10 @@ def main(argv):
   plotting.plot_fourier_maps(
     maps, os.path.join(_WORKDIR.value, 'fourier.png'), title=_DATASET.value
   )
-  tmp = os.path.join(_WORKDIR.value, 'results.json.tmp')
-  with open(tmp, 'w') as f:
-    json.dump(results, f, indent=1)
-  os.replace(tmp, os.path.join(_WORKDIR.value, 'results.json'))
-  print(f'wrote {_WORKDIR.value}/results.json')
+  common.write_results('fourier', results)
 
 
 _STATS = {'mean': np.mean, 'min': np.min, 'max': np.max}
 
 if __name__ == '__main__':
-  app.run(main)
+  common.run(main)

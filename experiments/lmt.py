@@ -6,21 +6,18 @@ r"""Lipschitz-margin training, certification and attack, from flags.
 Trains the LMT model (and, with --baseline, the same model with plain cross-entropy) in
 WORKDIR/lmt and WORKDIR/baseline (resuming from their checkpoints), certifies both with sound
 per-layer bounds, attacks them with PGD, and writes WORKDIR/results.json and
-WORKDIR/certified_accuracy.png.
+WORKDIR/certified_accuracy.png. WORKDIR/run.json records the run: a later invocation resumes
+only the same flags and data (see experiments/common.py).
 """
 
 import dataclasses
-import json
 import os
-import sys
-import time
 
+import common
 import numpy as np
 from absl import app, flags, logging
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
-
-from tsuzuku_jax import data, lmt, models, plotting, train_lib  # noqa: E402
+from tsuzuku_jax import data, lmt, models, plotting, train_lib
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Output directory (checkpoints, results).')
 _DATASET = flags.DEFINE_string('dataset', 'digits', 'digits | mnist | cifar10 | npz:PATH.')
@@ -58,8 +55,7 @@ _CKPT_EVERY = flags.DEFINE_integer('checkpoint_every', 1000, 'Steps between chec
 
 def _validate():
   """One clear line per bad flag, before any work."""
-  if not _WORKDIR.value:
-    raise app.UsageError('--workdir is required')
+  common.check_workdir()
   try:
     data.validate_name(_DATASET.value)
   except (ValueError, FileNotFoundError) as e:
@@ -74,14 +70,6 @@ def _validate():
     ) from None
   if not eps or any(e < 0 for e in eps):
     raise app.UsageError(f'--eps must be non-negative radii, got {_EPS.value}')
-  try:
-    os.makedirs(_WORKDIR.value, exist_ok=True)
-    probe = os.path.join(_WORKDIR.value, '.write_test')
-    with open(probe, 'w') as f:
-      f.write('ok')
-    os.remove(probe)
-  except OSError as e:
-    raise app.UsageError(f'--workdir {_WORKDIR.value} is not writable: {e}') from None
   for name, flag in (('hidden', _HIDDEN), ('channels', _CHANNELS)):
     if not all(v.isdigit() and int(v) > 0 for v in flag.value):
       raise app.UsageError(f'--{name} must be positive integers, got {flag.value}')
@@ -108,6 +96,9 @@ def main(argv):
 
   xtr, ytr = data.load(_DATASET.value, 'train', data_dir=_DATA_DIR.value)
   xte, yte = data.load(_DATASET.value, 'test', data_dir=_DATA_DIR.value)
+  identity = data.identity(_DATASET.value, train=(xtr, ytr), test=(xte, yte))
+  if common.open_workdir('lmt', identity, neutral=('log_every', 'checkpoint_every')):
+    return
   model = _model(data.num_classes(ytr), xtr)
   mesh = data.data_mesh() if jax.device_count() > 1 else None
   lmt_config = train_lib.TrainConfig(
@@ -131,22 +122,16 @@ def main(argv):
   if _BASELINE.value:
     configs['baseline'] = dataclasses.replace(lmt_config, c=0.0)
   pgd = dict(steps=_PGD_STEPS.value, restarts=_PGD_RESTARTS.value)
-  holders = [v for v in globals().values() if isinstance(v, flags.FlagHolder)]
   results = {'dataset': _DATASET.value, 'model': repr(model), 'eps': eps}
-  results['flags'] = {h.name: h.value for h in holders}
+  results['flags'] = common.config()
   curves, marks = {}, {}
   for name, config in configs.items():
     print(f'== training {name} ({config.steps} steps) on {_DATASET.value}', flush=True)
-    t0 = time.time()
+    path = os.path.join(_WORKDIR.value, name)
     try:
-      state = train_lib.train(
-        model, config, xtr, ytr, os.path.join(_WORKDIR.value, name), mesh=mesh
-      )
+      state = train_lib.train(model, config, xtr, ytr, path, mesh=mesh)
     except train_lib.TrainingDiverged as e:
-      sys.exit(f'error: {name} run diverged: {e}')
-    except train_lib.CheckpointMismatch as e:
-      sys.exit(f'error: --workdir: {e}')
-    train_seconds = time.time() - t0
+      raise train_lib.TrainingDiverged(f'{name} run diverged: {e}') from None
     state = jax.device_get(state)
     variables = train_lib.variables_of(state)
     with jax.default_matmul_precision('highest'):
@@ -165,7 +150,8 @@ def main(argv):
     for v in report['layers'].values():
       v['certificate_over_converged'] = v['certificate'] / max(v['converged'], 1e-30)
       v['estimate_over_converged'] = v['estimate'] / max(v['converged'], 1e-30)
-    report['train_seconds'] = train_seconds
+    report['train_seconds'] = train_lib.logged_seconds(path)  # over all invocations
+    report['params_fingerprint'] = train_lib.params_fingerprint(state)
     radius, correct = report.pop('_radius'), report.pop('_correct')
     grid = np.linspace(0, max(eps) * 1.5, 200)
     for form in lmt.FORMS:
@@ -188,12 +174,8 @@ def main(argv):
     title=_DATASET.value,
     marks=marks,
   )
-  tmp = os.path.join(_WORKDIR.value, 'results.json.tmp')
-  with open(tmp, 'w') as f:
-    json.dump(results, f, indent=2, default=str)
-  os.replace(tmp, os.path.join(_WORKDIR.value, 'results.json'))  # atomic: never half-written
-  print(f'wrote {_WORKDIR.value}/results.json')
+  common.write_results('lmt', results)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  common.run(main)

@@ -6,21 +6,20 @@ Trains one model per (method, seed) on all devices of the mesh (one worker per d
 --workers simulated workers on one device (--simulate), and writes WORKDIR/<method>/seed<k>.json
 (skipped when it exists: an interrupted sweep resumes where it stopped), WORKDIR/results.json
 (accuracy, cumulative compression ratios, density, overflow, modelled speedups per method), and
-WORKDIR/accuracy_vs_compression.png.
+WORKDIR/accuracy_vs_compression.png. WORKDIR/run.json records the run: a later invocation
+resumes only the same flags, data and number of workers (see experiments/common.py).
 """
 
 import dataclasses
 import json
 import os
-import sys
 
+import common
 import numpy as np
 from absl import app, flags
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
-
-from tsuzuku_jax import collectives, compression, data, models, plotting  # noqa: E402
-from tsuzuku_jax import data_parallel as dp  # noqa: E402
+from tsuzuku_jax import collectives, compression, data, models, plotting, workdir
+from tsuzuku_jax import data_parallel as dp
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Output directory.')
 _DATASET = flags.DEFINE_string('dataset', 'digits', 'digits | mnist | cifar10 | npz:PATH.')
@@ -57,8 +56,7 @@ _REF_FLOOR = flags.DEFINE_float('reference_compress_over_floor', 1.5, 'ASSUMED c
 
 
 def _validate() -> list[int]:
-  if not _WORKDIR.value:
-    raise app.UsageError('--workdir is required')
+  common.check_workdir()
   try:
     data.validate_name(_DATASET.value)
   except (ValueError, FileNotFoundError) as e:
@@ -114,13 +112,6 @@ def _model(num_classes):
   return models.CNN(num_classes, ch, _DENSE.value, batch_norm=False)
 
 
-def _write_json(path, obj):
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=1, default=float)
-  os.replace(tmp, path)  # atomic: never half-written
-
-
 def main(argv):
   del argv
   seeds = _validate()
@@ -138,6 +129,9 @@ def main(argv):
   if _BATCH.value % workers:
     raise app.UsageError(f'--batch_size={_BATCH.value} is not divisible by {workers} workers')
   train, test = (data.load(_DATASET.value, s) for s in ('train', 'test'))
+  identity = data.identity(_DATASET.value, train=train, test=test)
+  if common.open_workdir('vgc', identity, extra={'workers_resolved': workers}):
+    return
   model = _model(data.num_classes(train[1]))
   apply_fn = lambda p, x: model.apply({'params': p}, x, mode='none')[0]
 
@@ -146,8 +140,7 @@ def main(argv):
     loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, b['label']))
     return loss, jnp.mean(jnp.argmax(logits, -1) == b['label'])
 
-  holders = [v for v in globals().values() if isinstance(v, flags.FlagHolder)]
-  results = {'flags': {h.name: h.value for h in holders}, 'workers': workers, 'methods': {}}
+  results = {'flags': common.config(), 'workers': workers, 'methods': {}}
   results['device'] = jax.devices()[0].device_kind
   curves, points = {}, {}
   for method in _METHODS.value:
@@ -158,8 +151,10 @@ def main(argv):
       if os.path.exists(path):
         with open(path) as f:
           run = json.load(f)
-        if run['config'] != json.loads(json.dumps(config.__dict__)):
-          sys.exit(f'error: {path} was written with other settings; use a new --workdir')
+        if run['config'] != workdir.normalize(config.__dict__):
+          raise workdir.WorkdirMismatch(
+            f'--workdir: {path} was written with other settings; use a new --workdir'
+          )
         print(f'{method} seed {seed}: done before ({path})', flush=True)
       else:
         params = model.init(jax.random.key(seed), train[0][:1], mode='none')['params']
@@ -167,14 +162,14 @@ def main(argv):
           _, hist = dp.train(loss_fn, apply_fn, params, config, train, test)
         except FloatingPointError as e:
           print(f'error: {e}; recorded as diverged', flush=True)
-          _write_json(path, {'config': config.__dict__, 'diverged': str(e)})
+          workdir.write_json(path, {'config': config.__dict__, 'diverged': str(e)})
           continue
         local = {'image': train[0][: config.batch_size // workers]}
         local['label'] = train[1][: config.batch_size // workers]
         times = dp.measure_worker_times(loss_fn, params, local, config)
         run = {'config': config.__dict__, 'history': hist, 'times': times}
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        _write_json(path, run)
+        workdir.write_json(path, run)
       runs.append(run)
     diverged = [r['diverged'] for r in runs if 'diverged' in r]
     runs = [r for r in runs if 'diverged' not in r]
@@ -199,8 +194,7 @@ def main(argv):
     os.path.join(_WORKDIR.value, 'accuracy_vs_compression.png'),
     title=_DATASET.value,
   )
-  _write_json(os.path.join(_WORKDIR.value, 'results.json'), results)
-  print(f'wrote {_WORKDIR.value}/results.json')
+  common.write_results('vgc', results)
 
 
 def _summarise(runs: list[dict], workers: int) -> dict:
@@ -246,4 +240,4 @@ def _summarise(runs: list[dict], workers: int) -> dict:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  common.run(main)

@@ -1,13 +1,16 @@
-"""The LMT launcher: flag validation before any work, and a tiny end-to-end run."""
+"""The LMT launcher: flag validation before any work, a tiny end-to-end run, and the workdir as
+a record (refusing other runs with one line, nothing on disk touched; --overwrite; resume)."""
 
 import json
 import os
 
+import numpy as np
 import pytest
-from launcher import run_script
+from launcher import assert_one_line_error, run_script, tree_hashes
 
 ROOT = os.path.join(os.path.dirname(__file__), '..')
 SCRIPT = os.path.join(ROOT, 'experiments', 'lmt.py')
+FOURIER = os.path.join(ROOT, 'experiments', 'fourier.py')
 FLAGFILE = os.path.join(ROOT, 'experiments', 'configs', 'lmt_digits.flags')
 TINY = [
   '--steps=30',
@@ -22,7 +25,15 @@ TINY = [
 
 
 def _run(*args, check=True):
-  return run_script(SCRIPT, *args, check=check)
+  return run_script(SCRIPT, f'--flagfile={FLAGFILE}', *args, check=check)
+
+
+@pytest.fixture(scope='module')
+def finished(tmp_path_factory):
+  """A finished tiny LMT run (both models) and its first invocation's stdout."""
+  workdir = tmp_path_factory.mktemp('lmt') / 'run'
+  out = _run(f'--workdir={workdir}', *TINY).stdout
+  return workdir, out
 
 
 @pytest.mark.parametrize(
@@ -35,31 +46,54 @@ def _run(*args, check=True):
     ('--eps=0.1,abc', '--eps must be a comma-separated list of numbers'),
     ('--eps=-1', '--eps must be non-negative'),
     ('--hidden=32,x', '--hidden'),
+    ('--steps=abc', "flag --steps=abc: invalid literal for int() with base 10: 'abc'"),
+    ('--model=resnet', 'flag --model=resnet: value should be one of <mlp|cnn|wrn>'),
+    ('--stepz=3', "Unknown command line flag 'stepz'"),
   ],
 )
 def test_bad_flag_gives_one_clear_line(tmp_path, flag, message):
-  proc = _run(f'--flagfile={FLAGFILE}', f'--workdir={tmp_path}', flag, check=False)
-  assert proc.returncode != 0
-  assert message in proc.stderr
-  assert 'Traceback' not in proc.stderr
+  proc = _run(f'--workdir={tmp_path}', flag, check=False)
+  assert_one_line_error(proc, message)
   assert os.listdir(tmp_path) == []  # no work started, nothing written
+
+
+def test_help_still_prints_the_flags():
+  proc = run_script(SCRIPT, '--helpshort', check=False)
+  assert '--learning_rate' in proc.stdout + proc.stderr
 
 
 def test_unwritable_workdir(tmp_path):
   blocker = tmp_path / 'a_file'
   blocker.write_text('keep me')
-  proc = _run(f'--flagfile={FLAGFILE}', f'--workdir={blocker}/sub', check=False)
-  assert proc.returncode != 0 and '--workdir' in proc.stderr and 'Traceback' not in proc.stderr
+  proc = _run(f'--workdir={blocker}/sub', check=False)
+  assert_one_line_error(proc, '--workdir', 'is a file, not a directory')
   assert blocker.read_text() == 'keep me'
 
 
-def test_end_to_end_digits_then_resume(tmp_path):
-  workdir = str(tmp_path / 'run')
+def test_bad_npz_file_gives_one_line_naming_file_and_key(tmp_path):
+  path = tmp_path / 'bad.npz'
+  x = np.zeros((20, 4, 4, 1), np.uint8)
+  np.savez(path, x_train=x, y_train=np.arange(100, 120), x_test=x, y_test=np.arange(100, 120))
+  workdir = tmp_path / 'run'
+  proc = _run(f'--workdir={workdir}', f'--dataset=npz:{path}', check=False)
+  assert_one_line_error(proc, 'bad.npz', "'y_train'", 'never occur')
+  assert not workdir.exists()
+  path.write_bytes(b'not a zip file')
+  proc = _run(f'--workdir={workdir}', f'--dataset=npz:{path}', check=False)
+  assert_one_line_error(proc, 'bad.npz', 'cannot be read')
+  assert not workdir.exists()
+
+
+def test_end_to_end_digits(finished):
+  workdir, out = finished
   # Flags after --flagfile override the file.
-  out = _run(f'--flagfile={FLAGFILE}', f'--workdir={workdir}', *TINY).stdout
   assert 'step 30/30' in out
-  results = json.load(open(os.path.join(workdir, 'results.json')))
+  results = json.loads((workdir / 'results.json').read_text())
+  assert results['experiment'] == 'lmt'
   assert results['flags']['steps'] == 30 and results['flags']['hidden'] == ['32']
+  record = json.loads((workdir / 'run.json').read_text())
+  assert record['experiment'] == 'lmt' and record['config']['steps'] == 30
+  assert record['data']['train']['examples'] == 1347 and record['data']['test']['examples'] == 450
   for name in ('lmt', 'baseline'):
     r = results[name]
     assert set(r['certified_accuracy']) == {'global', 'pairwise'}
@@ -69,27 +103,87 @@ def test_end_to_end_digits_then_resume(tmp_path):
       assert r['certified_accuracy']['pairwise'][e] >= r['certified_accuracy']['global'][e]
     assert r['violations'] == {'global': 0, 'pairwise': 0}
     assert r['certified_checked']['pairwise'] > 0
+    assert r['train_seconds'] > 0 and len(r['params_fingerprint']) == 32
     for layer in r['layers'].values():
       assert layer['certificate'] >= layer['converged'] * (1 - 1e-6)
-  assert os.path.getsize(os.path.join(workdir, 'certified_accuracy.png')) > 1000
-  # Same command again: both runs resume from their final checkpoints and redo the evaluation.
-  again = _run(f'--flagfile={FLAGFILE}', f'--workdir={workdir}', *TINY).stdout
-  assert again.count('resumed from') == 2 and 'step 30/30' not in again
-  assert json.load(open(os.path.join(workdir, 'results.json')))['lmt'] == results['lmt'] | {
-    'train_seconds': json.load(open(os.path.join(workdir, 'results.json')))['lmt']['train_seconds']
-  }
+    steps = [json.loads(line)['step'] for line in open(workdir / name / 'metrics.jsonl')]
+    assert steps == [10, 20, 30]
+  assert os.path.getsize(workdir / 'certified_accuracy.png') > 1000
+
+
+def test_same_command_on_a_finished_run_changes_nothing(finished):
+  workdir, _ = finished
+  before = tree_hashes(workdir)
+  out = _run(f'--workdir={workdir}', *TINY, '--log_every=5').stdout  # logging may differ
+  assert 'complete' in out and 'step ' not in out
+  assert tree_hashes(workdir) == before
+
+
+@pytest.mark.parametrize(
+  'flags, named',
+  [
+    (['--steps=50'], '--steps=30; this one has --steps=50'),
+    (['--learning_rate=0.01'], '--learning_rate=0.003; this one has --learning_rate=0.01'),
+    (['--seed=1'], '--seed=0; this one has --seed=1'),
+    (['--noclip'], '--clip=True; this one has --clip=False'),
+  ],
+)
+def test_other_flags_on_a_finished_run_are_refused(finished, flags, named):
+  # Observed: a rerun with --steps=50 resumed the old checkpoint and relabelled its results.
+  workdir, _ = finished
+  before = tree_hashes(workdir)
+  proc = _run(f'--workdir={workdir}', *TINY, *flags, check=False)
+  assert_one_line_error(proc, '--workdir', named, '--overwrite')
+  assert tree_hashes(workdir) == before
+
+
+def test_other_data_is_refused(finished, tmp_path):
+  from tsuzuku_jax import data
+
+  workdir, _ = finished
+  (xtr, ytr), (xte, yte) = data.load('digits', 'train'), data.load('digits', 'test')
+  xtr = xtr.copy()
+  xtr[0, 0, 0, 0] = 0.5  # one pixel
+  path = tmp_path / 'digits.npz'
+  np.savez(path, x_train=xtr, y_train=ytr, x_test=xte, y_test=yte)
+  before = tree_hashes(workdir)
+  proc = _run(f'--workdir={workdir}', *TINY, f'--dataset=npz:{path}', check=False)
+  assert_one_line_error(proc, '--workdir', '--dataset=digits; this one has --dataset=npz:')
+  assert tree_hashes(workdir) == before
+  # (Same name, other arrays: the fingerprint tells them apart; see workdir_test.py.)
+
+
+def test_another_launcher_never_replaces_this_run(finished):
+  # Observed: experiments/fourier.py on a finished LMT workdir replaced its results.json.
+  workdir, _ = finished
+  before = tree_hashes(workdir)
+  proc = run_script(FOURIER, f'--workdir={workdir}', '--steps=5', check=False)
+  assert_one_line_error(proc, '--workdir', "holds a 'lmt' run, not 'fourier'")
+  assert tree_hashes(workdir) == before
+
+
+def test_a_folder_that_is_not_a_run_is_refused(tmp_path):
+  (tmp_path / 'notes.txt').write_text('mine')
+  proc = _run(f'--workdir={tmp_path}', *TINY, check=False)
+  assert_one_line_error(proc, '--workdir', 'notes.txt', 'no run.json')
+  assert os.listdir(tmp_path) == ['notes.txt']
+
+
+def test_overwrite_moves_the_old_run_aside(finished, tmp_path):
+  import shutil
+
+  workdir = tmp_path / 'run'
+  shutil.copytree(finished[0], workdir)
+  before = tree_hashes(workdir)
+  out = _run(f'--workdir={workdir}', *TINY, '--steps=20', '--nobaseline', '--overwrite').stdout
+  moved = [p for p in tmp_path.iterdir() if p.name.startswith('run.old-')]
+  assert len(moved) == 1 and f'moved the previous run in {workdir} to {moved[0]}' in out
+  assert tree_hashes(moved[0]) == before  # the old run, intact
+  assert json.loads((workdir / 'run.json').read_text())['config']['steps'] == 20
+  assert set(json.loads((workdir / 'results.json').read_text())) >= {'lmt', 'experiment'}
 
 
 def test_diverging_run_stops_with_one_line(tmp_path):
-  proc = _run(
-    f'--flagfile={FLAGFILE}',
-    f'--workdir={tmp_path}',
-    *TINY,
-    '--learning_rate=1e30',
-    '--nobaseline',
-    check=False,
-  )
-  assert proc.returncode != 0
-  assert 'diverged' in proc.stderr and 'last good checkpoint' in proc.stderr
-  assert 'Traceback' not in proc.stderr
+  proc = _run(f'--workdir={tmp_path}', *TINY, '--learning_rate=1e30', '--nobaseline', check=False)
+  assert_one_line_error(proc, 'lmt run diverged', 'last good checkpoint')
   assert not os.path.exists(tmp_path / 'results.json')

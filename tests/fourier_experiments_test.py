@@ -4,7 +4,7 @@ import json
 import os
 
 import pytest
-from launcher import run_script
+from launcher import assert_one_line_error, run_script, tree_hashes
 
 ROOT = os.path.join(os.path.dirname(__file__), '..')
 SCRIPT = os.path.join(ROOT, 'experiments', 'fourier.py')
@@ -31,7 +31,7 @@ def _run(*args, check=True):
 )
 def test_bad_flag_gives_one_clear_line(tmp_path, flag, message):
   proc = _run(f'--flagfile={FLAGFILE}', f'--workdir={tmp_path}', flag, check=False)
-  assert proc.returncode != 0 and message in proc.stderr and 'Traceback' not in proc.stderr
+  assert_one_line_error(proc, message)
   assert os.listdir(tmp_path) == []
 
 
@@ -46,6 +46,7 @@ def test_tiny_run(tmp_path):
     '--shift_stride=3',
   )
   results = json.loads((tmp_path / 'results.json').read_text())
+  assert results['experiment'] == 'fourier'
   auto, given, linf = results['per_eps'].values()
   assert auto['eps_choice'].startswith('auto') and auto['random_heldout_fooling_mean'] <= 0.05
   assert given['eps'] == 1.4 and linf['eps'] == pytest.approx(0.125 * 32**0.5)
@@ -55,10 +56,10 @@ def test_tiny_run(tmp_path):
   assert len(results['heat_map_error']) == 8
   assert (tmp_path / 'fourier.png').stat().st_size > 0
   # The same workdir with another model: one line naming it, nothing written is lost.
-  before = (tmp_path / 'results.json').read_bytes()
+  before = tree_hashes(tmp_path)
   proc = _run(
     f'--flagfile={FLAGFILE}', f'--workdir={tmp_path}', *TINY, '--channels=2,4', check=False
   )
-  assert proc.returncode != 0 and '--workdir' in proc.stderr and 'Traceback' not in proc.stderr
-  assert (tmp_path / 'results.json').read_bytes() == before
+  assert_one_line_error(proc, '--workdir', '--channels=4,8; this one has --channels=2,4')
+  assert tree_hashes(tmp_path) == before
   assert os.listdir(tmp_path / 'model' / 'checkpoints') == ['30']

@@ -1,6 +1,8 @@
-"""Runs an experiments/ launcher in a subprocess on the CPU, as a user would from a shell; loads
-a benchmarks/ script as a module (its main(argv) is then called in-process)."""
+"""Runs an experiments/ launcher in a subprocess on the CPU, as a user would from a shell; checks
+that it failed with one clear line; hashes a folder (to show nothing changed); loads a
+benchmarks/ script as a module (its main(argv) is then called in-process)."""
 
+import hashlib
 import importlib.util
 import os
 import subprocess
@@ -29,3 +31,25 @@ def load_benchmark(name: str):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
+
+
+def assert_one_line_error(proc, *needles: str) -> None:
+  """The process failed with exactly one `error: ...` line on stderr holding every needle, and
+  no traceback or flag help."""
+  lines = proc.stderr.strip().splitlines()
+  assert proc.returncode != 0, proc.stdout[-2000:]
+  assert len(lines) == 1 and lines[0].startswith('error: '), proc.stderr[-3000:]
+  for needle in needles:
+    assert needle in lines[0], (needle, lines[0])
+
+
+def tree_hashes(root) -> dict[str, str]:
+  """{relative path: sha256} of every file under `root`: equal before and after means nothing
+  on disk changed."""
+  out = {}
+  for folder, _, files in os.walk(root):
+    for name in files:
+      path = os.path.join(folder, name)
+      with open(path, 'rb') as f:
+        out[os.path.relpath(path, root)] = hashlib.sha256(f.read()).hexdigest()
+  return out

@@ -24,6 +24,11 @@ class MissingInput(InvalidInput, FileNotFoundError):
   """A named input file or folder does not exist."""
 
 
+class MissingDependency(InvalidInput, ImportError):
+  """The input asked for needs an optional package that is not installed (the message says
+  which and how to install it)."""
+
+
 def _traced(x) -> bool:
   return isinstance(x, jax.core.Tracer)
 

@@ -24,7 +24,13 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from tsuzuku_jax.checks import InvalidInput, MissingInput, check_images, check_labels
+from tsuzuku_jax.checks import (
+  InvalidInput,
+  MissingDependency,
+  MissingInput,
+  check_images,
+  check_labels,
+)
 
 SPLITS = ('train', 'test')
 TFDS_NAMES = ('mnist', 'fashion_mnist', 'cifar10', 'cifar100', 'kmnist', 'svhn_cropped')
@@ -179,7 +185,7 @@ def _load_tfds(name: str, split: str, data_dir: str | None) -> tuple[np.ndarray,
   try:
     import tensorflow_datasets as tfds
   except ImportError as e:
-    raise ImportError(
+    raise MissingDependency(
       f'dataset {name!r} needs tensorflow_datasets: `pip install tensorflow-datasets` '
       '(or `pip install tsuzuku_jax[tfds]`), or use npz:PATH with a local copy'
     ) from e

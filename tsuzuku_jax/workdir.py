@@ -114,6 +114,7 @@ def open_run(
   overwrite: bool = False,
   prefix: str = '',
   how: str = 'use a new workdir, or overwrite=True to move the old run aside',
+  name: str = 'workdir',
 ) -> Run:
   """Claims `workdir` for this run, or resumes the same run; call it before any work.
 
@@ -127,6 +128,7 @@ def open_run(
     overwrite: move any previous content aside (never deleted) and start afresh.
     prefix: how config keys are named in messages ('--' for flags).
     how: what the user can do about a mismatch, appended to the message.
+    name: how the workdir is named in messages ('--workdir' for a flag).
 
   Returns:
     A `Run`: whether a matching run was resumed, and where an overwritten one was moved.
@@ -136,7 +138,7 @@ def open_run(
       differing setting is named, with both values), other data, or files but no run.json;
       or it cannot be written. Nothing on disk was changed.
   """
-  check_writable(workdir)
+  check_writable(workdir, name)
   new = normalize(
     {
       'experiment': experiment,
@@ -147,7 +149,7 @@ def open_run(
   moved = None
   if _contents(workdir):
     old = read_run(workdir)
-    problem = _mismatch(workdir, old, new, set(neutral), prefix)
+    problem = _mismatch(workdir, name, old, new, set(neutral), prefix)
     if problem is None and not overwrite:
       return Run(workdir, True, None)
     if problem is not None and not overwrite:
@@ -182,29 +184,30 @@ def _versions() -> dict:
   return out
 
 
-def _mismatch(workdir: str, old: dict | None, new: dict, neutral: set, prefix: str) -> str | None:
+def _mismatch(workdir, name, old: dict | None, new: dict, neutral: set, prefix) -> str | None:
   """A one-line description of the first difference between two records, or None."""
+  where = f'{name} {workdir}'
   if old is None:
     listing = _contents(workdir)
     shown = ', '.join(listing[:4]) + (', ...' if len(listing) > 4 else '')
     return (
-      f'{workdir} holds files ({shown}) but no {RUN_FILE}: it is not a run of this '
+      f'{where} holds files ({shown}) but no {RUN_FILE}: it is not a run of this '
       'experiment (or one from before run records)'
     )
   if old.get('experiment') != new['experiment']:
-    return f'{workdir} holds a {old.get("experiment")!r} run, not {new["experiment"]!r}'
+    return f'{where} holds a {old.get("experiment")!r} run, not {new["experiment"]!r}'
   keep = lambda c: {k: v for k, v in (c or {}).items() if k not in neutral}  # noqa: E731
   d = _first_difference(keep(old.get('config')), keep(new['config']))
   if d:
     key, was, now = d
     return (
-      f'{workdir} holds a run with {prefix}{key}={_show(was)}; this one has '
+      f'{where} holds a run with {prefix}{key}={_show(was)}; this one has '
       f'{prefix}{key}={_show(now)}'
     )
   d = _first_difference(old.get('data'), new['data'])
   if d:
     key, was, now = d
-    return f'{workdir} holds a run on other data: {key} was {_show(was)}, now {_show(now)}'
+    return f'{where} holds a run on other data: {key} was {_show(was)}, now {_show(now)}'
   return None
 
 
