@@ -157,3 +157,20 @@ def test_robust_accuracy_decreases_with_eps(key):
   kw = dict(key=jax.random.key(6), batch_size=48, steps=10, restarts=1)
   batched = [float(attacks.robust_accuracy_batched(logits_fn, x, y, e, **kw)) for e in [0.0, 2.0]]
   assert batched[0] == 1.0 and batched[1] < 0.5, batched
+
+
+def test_bad_input_is_refused_by_name(key):
+  logits_fn, x, y, _, _ = _linear_problem()
+  bad = np.array(x)
+  bad[7, 1, 2, 0] = np.nan
+  with pytest.raises(ValueError, match=r'x\[7, 1, 2, 0\] is nan; expected finite'):
+    attacks.pgd_l2(logits_fn, bad, y, 0.1, key=key, steps=1, restarts=1)
+  bad[7, 1, 2, 0] = -0.5
+  with pytest.raises(ValueError, match=r'x\[7, 1, 2, 0\] = -0.5 is outside \[0, 1\]'):
+    attacks.robust_accuracy(logits_fn, bad, y, 0.1, key=key, steps=1, restarts=1)
+  # Without a box there is no pixel range to check.
+  attacks.pgd_l2(logits_fn, bad, y, 0.1, key=key, steps=1, restarts=1, clip_min=None)
+  with pytest.raises(ValueError, match=rf'y\[0\] = {K} is outside \[0, {K}\)'):
+    attacks.pgd_l2(logits_fn, x, jnp.full((B,), K), 0.1, key=key, steps=1, restarts=1)
+  with pytest.raises(ValueError, match='eps must be finite and >= 0'):
+    attacks.pgd_l2(logits_fn, x, y, -0.1, key=key, steps=1, restarts=1)

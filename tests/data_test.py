@@ -131,6 +131,68 @@ def test_npz_errors(tmp_path):
     data.load(f'npz:{parts}', 'test')
 
 
+def _npz(path, x_train, y_train, x_test=None, y_test=None):
+  x_test = x_train if x_test is None else x_test
+  y_test = y_train if y_test is None else y_test
+  np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+  return f'npz:{path}'
+
+
+def test_npz_labels_are_checked_against_the_classes(tmp_path):
+  x = _uint8((10, 2, 2, 1))
+  # Observed: labels 100..109 were accepted (and reported as 110 classes).
+  name = _npz(tmp_path / 'shifted.npz', x, np.arange(100, 110))
+  for split in ('train', 'test'):
+    with pytest.raises(ValueError, match=r"shifted.npz' key 'y_train'.*up to 109.*0, 1, 2, 3, 4"):
+      data.load(name, split)
+  # Observed: negative labels were accepted.
+  name = _npz(tmp_path / 'negative.npz', x, np.array([0, 1, -1, 2, 3, 4, 5, 6, 7, 8]))
+  with pytest.raises(ValueError, match=r"negative.npz.*'y_train'.*labels\[2\] = -1 is outside"):
+    data.load(name, 'train')
+  # A test label no training example has.
+  name = _npz(tmp_path / 'unseen.npz', x, np.arange(10) % 5, y_test=np.array([0] * 9 + [7]))
+  assert data.load(name, 'train')[1].max() == 4
+  with pytest.raises(
+    ValueError, match=r"unseen.npz.*'y_test'.*labels\[9\] = 7 is outside \[0, 5\)"
+  ):
+    data.load(name, 'test')
+  # Given explicitly, K is used as is (a class may be absent from a small training set).
+  assert data.load(name, 'test', num_classes=10)[1][9] == 7
+  with pytest.raises(ValueError, match=r'labels\[9\] = 7 is outside \[0, 6\)'):
+    data.load(name, 'test', num_classes=6)
+  with pytest.raises(ValueError, match=r'digits.*labels\[\d+\] = 9 is outside \[0, 5\)'):
+    data.load('digits', 'test', num_classes=5)
+
+
+def test_npz_float_images_in_unit_range(tmp_path):
+  # Observed: float images in [0, 1] were refused (uint8 only), which no document said.
+  rng = np.random.default_rng(0)
+  x = rng.uniform(0, 1, (6, 3, 3, 2)).astype(np.float64)
+  x[0, 0, 0, 0], x[1, 0, 0, 0] = 0.0, 1.0
+  name = _npz(tmp_path / 'f.npz', x, np.arange(6) % 3)
+  got, _ = data.load(name, 'train')
+  assert got.dtype == np.float32
+  np.testing.assert_array_equal(got, x.astype(np.float32))
+  bad = x.copy()
+  bad[4, 2, 1, 1] = 1.2
+  name = _npz(tmp_path / 'over.npz', bad, np.arange(6) % 3)
+  with pytest.raises(
+    ValueError, match=r"over.npz.*'x_train'.*images\[4, 2, 1, 1\] = 1.2 is outside \[0, 1\]"
+  ):
+    data.load(name, 'train')
+  bad[4, 2, 1, 1] = np.nan
+  name = _npz(tmp_path / 'nan.npz', bad, np.arange(6) % 3)
+  with pytest.raises(ValueError, match=r'nan.npz.*images\[4, 2, 1, 1\] is nan'):
+    data.load(name, 'train')
+
+
+def test_unreadable_npz_is_named(tmp_path):
+  path = tmp_path / 'broken.npz'
+  path.write_bytes(b'PK\x03\x04 not really a zip')
+  with pytest.raises(ValueError, match="npz file .*broken.npz' cannot be read"):
+    data.load(f'npz:{path}', 'train')
+
+
 def test_real_mnist_test_split(shared_data):
   x, y = data.load('npz:' + os.path.join(shared_data, 'mnist.npz'), 'test')
   assert x.shape == (10000, 28, 28, 1) and x.dtype == np.float32

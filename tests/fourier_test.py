@@ -298,3 +298,58 @@ def test_calibrate_eps_brackets_the_target(key):
     fourier.calibrate_eps(query, x, y, key=sub, target=1.5)
   with pytest.raises(ValueError, match='misclassified'):
     fourier.calibrate_eps(query, x, (y + 1) % 4, key=sub, target=0.1)
+
+
+def test_heat_map_uses_every_image_whatever_the_batch(key):
+  # Observed: 450 images with batch=256 gave the map of the first 256 only.
+  w = jax.random.normal(key, (4 * 4 * 1, 3))
+  logits_fn = jax.jit(lambda im: im.reshape(im.shape[0], -1) @ w)
+  x = jax.random.uniform(key, (45, 4, 4, 1))
+  y = jnp.arange(45) % 3
+  hkey = jax.random.key(1)
+  err, loss = fourier.heat_map(logits_fn, x, y, 3.0, key=hkey, batch=16, chunk=5)
+  dirs = fourier.basis((4, 4), fourier.all_frequencies((4, 4)))
+  for k in range(16):  # a per-image loop over all 45 images (16 does not divide 45)
+    s = fourier.image_signs(hkey, k, 45)
+    z = jnp.clip(x + 3.0 * s[:, None, None, None] * dirs[k][..., None], 0, 1)
+    logits = logits_fn(z)
+    wrong = [int(jnp.argmax(logits[i]) != y[i]) for i in range(45)]
+    ce = [float(-jax.nn.log_softmax(logits[i])[y[i]]) for i in range(45)]
+    assert round(float(err.reshape(-1)[k]) * 45) == sum(wrong)
+    assert float(loss.reshape(-1)[k]) == pytest.approx(np.mean(ce), rel=1e-5)
+  for b in (7, 45, 64):
+    other, _ = fourier.heat_map(logits_fn, x, y, 3.0, key=hkey, batch=b, chunk=5)
+    np.testing.assert_array_equal(np.asarray(other), np.asarray(err))
+
+
+def test_attack_and_fooling_rates_count_every_image(key):
+  w = jax.random.normal(key, (4 * 4 * 1, 3))
+  query = jax.jit(lambda im: jnp.argmax(im.reshape(im.shape[0], -1) @ w, -1))
+  x = jax.random.uniform(key, (45, 4, 4, 1))
+  ref = query(x)
+  res = fourier.fourier_attack(query, x, 1.5, labels=ref, batch=16, chunk=7)
+  fooled = np.mean(np.asarray(query(jnp.clip(x + res.perturbation, 0, 1)) != ref))
+  assert res.fooling_rate == pytest.approx(fooled)
+  assert fourier.fooling_rate(query, x, res.perturbation, ref, batch=16) == pytest.approx(fooled)
+
+
+def test_bad_images_and_labels_are_refused_by_name(key):
+  # Observed: a nan image was heat-mapped without complaint.
+  f = jax.jit(lambda im: im.reshape(im.shape[0], -1)[:, :3])
+  x = np.asarray(jax.random.uniform(key, (6, 4, 4, 1)))
+  y = np.zeros(6, np.int32)
+  nan = x.copy()
+  nan[4, 1, 2, 0] = np.nan
+  with pytest.raises(ValueError, match=r'images\[4, 1, 2, 0\] is nan; expected finite'):
+    fourier.heat_map(f, nan, y, 1.0, key=key)
+  with pytest.raises(ValueError, match=r'images\[4, 1, 2, 0\] is nan'):
+    fourier.fooling_rate(lambda im: jnp.argmax(f(im), -1), nan, 0.0, y)
+  bad = x.copy()
+  bad[2, 0, 0, 0] = 1.5
+  with pytest.raises(ValueError, match=r'images\[2, 0, 0, 0\] = 1.5 is outside \[0, 1\]'):
+    fourier.heat_map(f, bad, y, 1.0, key=key)
+  fourier.heat_map(f, bad, y, 1.0, key=key, clip=None)  # no pixel space, no range check
+  with pytest.raises(ValueError, match=r'labels\[5\] = 3 is outside \[0, 3\)'):
+    fourier.heat_map(f, x, np.array([0, 1, 2, 0, 1, 3]), 1.0, key=key)
+  with pytest.raises(ValueError, match='labels has 5 entries for 6 images'):
+    fourier.heat_map(f, x, y[:5], 1.0, key=key)

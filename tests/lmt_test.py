@@ -332,3 +332,27 @@ def test_certify_dataset_keys_shapes_and_median():
     assert median < float(np.median(r))
     acc = [np.mean(out['correct'] & (r > e)) for e in eps]
     np.testing.assert_allclose(out[f'certified_accuracy_{form}'], acc, rtol=1e-6)
+
+
+def test_non_finite_input_is_never_certified():
+  # Observed: a nan image was certified (radius nan, prediction 0) without complaint.
+  _, _, logits_fn, bounds = _model('mlp')
+  x, y = _data(8, seed=12)
+  bad = x.copy()
+  bad[5, 3, 2, 0] = np.nan
+  with pytest.raises(ValueError, match=r'images\[5, 3, 2, 0\] is nan; expected finite'):
+    lmt.certify_dataset(logits_fn, bounds, bad, y, [0.1])
+  key = jax.random.key(0)
+  with pytest.raises(ValueError, match=r'images\[5, 3, 2, 0\] is nan'):
+    lmt.robustness_report(logits_fn, bounds, bad, y, [0.1], key=key, steps=1, restarts=1)
+  with pytest.raises(ValueError, match=r'images\[1, 0, 0, 0\] = 2 is outside \[0, 1\]'):
+    big = x.copy()
+    big[1, 0, 0, 0] = 2.0
+    lmt.robustness_report(logits_fn, bounds, big, y, [0.1], key=key, steps=1, restarts=1)
+  with pytest.raises(ValueError, match=rf'labels\[2\] = {K} is outside \[0, {K}\)'):
+    lmt.certify_dataset(logits_fn, bounds, x, np.array([0, 1, K, 0, 0, 0, 0, 0]), [0.1])
+  # Inside a jit nothing can be refused: non-finite logits certify nothing (radius 0).
+  pair = lmt.pairwise_bounds(bounds, 'pairwise')
+  logits = jnp.asarray(jax.jit(logits_fn)(x)).at[3, 1].set(jnp.nan).at[4, 0].set(jnp.inf)
+  _, radius = jax.jit(lmt.certified_radius)(logits, pair)
+  assert float(radius[3]) == 0.0 and float(radius[4]) == 0.0 and float(radius[0]) > 0

@@ -34,6 +34,46 @@ def test_kl_inversion_is_exact_and_monotone(q, b):
     assert pac_bayes.binary_kl(q, low) == pytest.approx(b, rel=1e-9, abs=1e-12)
 
 
+def _exact_kl(q, p):
+  """kl(q || p) for the exact binary values of the floats q and p, in 60-digit arithmetic."""
+  import mpmath
+
+  with mpmath.workdps(60):
+    q, p = mpmath.mpf(q), mpmath.mpf(p)
+    term = lambda a, b: (
+      mpmath.mpf(0) if a == 0 else (mpmath.inf if b == 0 else a * mpmath.log(a / b))
+    )  # noqa: E501, E731
+    return term(q, p) + term(1 - q, 1 - p)
+
+
+def _grid_and_random_points():
+  qs = [0.0, 1e-300, 1e-12, 1e-6, 0.01, 0.1, 0.25, 0.5, 0.75, 0.9, 0.999, 1 - 1e-12, 1.0]
+  cs = [1e-15, 1e-12, 1e-9, 1e-6, 1e-3, 0.01, 0.1, 0.5, 1.0, 3.0, 10.0]
+  rng = np.random.default_rng(0)
+  rand = [(float(rng.random() ** 3), float(10 ** rng.uniform(-15, 1))) for _ in range(300)]
+  return [(q, c) for q in qs for c in cs] + rand
+
+
+def test_kl_inversion_keeps_its_promise_against_60_digit_arithmetic():
+  # Observed: kl_inverse_upper(0.1, 0.01) = 0.1476755392980073, whose exact kl is below 0.01.
+  assert _exact_kl(0.1, pac_bayes.kl_inverse_upper(0.1, 0.01)) >= 0.01
+  for q, c in _grid_and_random_points():
+    up, low = pac_bayes.kl_inverse_upper(q, c), pac_bayes.kl_inverse_lower(q, c)
+    assert q <= up <= 1 and 0 <= low <= q
+    # Never below (above) the exact inverse: the exact kl at the answer reaches c.
+    assert up == 1.0 or _exact_kl(q, up) >= c, (q, c, up)
+    assert low == 0.0 or _exact_kl(q, low) >= c, (q, c, low)
+    # And within 1e-9 of it: 1e-9 closer to q, the exact kl is below c.
+    assert up - 1e-9 <= q or _exact_kl(q, up - 1e-9) < c, (q, c, up)
+    assert low + 1e-9 >= q or _exact_kl(q, low + 1e-9) < c, (q, c, low)
+
+
+def test_binary_kl_is_accurate_near_q_equals_p():
+  for q, p in [(0.1, 0.1 + 1e-9), (0.5, 0.5 - 1e-12), (1e-8, 2e-8), (0.3, 0.9)]:
+    exact = float(_exact_kl(q, p))
+    assert pac_bayes.binary_kl(q, p) == pytest.approx(exact, rel=1e-13)
+
+
 def test_bounds_are_monotone_and_langford_seeger_is_tighter():
   m, delta = 1000, 0.05
   prev = 0.0

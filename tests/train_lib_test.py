@@ -47,15 +47,21 @@ def test_resume_matches_uninterrupted_run(tmp_path, digits):
   x, y = digits
   model, config = _small_cnn(), _config()
   full = train_lib.train(model, config, x, y, str(tmp_path / 'full'), log=lambda s: None)
-  # Killed after step 45: the last checkpoint is step 40, in the middle of epoch 1 (21 steps
-  # per epoch), so resuming must also skip the batches already seen in that epoch.
+  # Killed at step 50, after step 45 was logged: the last checkpoint is step 40, in the middle
+  # of epoch 1 (21 steps per epoch), so resuming must also skip the batches already seen in
+  # that epoch. The kill also cut a metrics line in half.
   with pytest.raises(_Interrupt):
-    train_lib.train(model, config, x, y, str(tmp_path / 'cut'), log=_interrupt_at(45))
+    train_lib.train(model, config, x, y, str(tmp_path / 'cut'), log=_interrupt_at(50))
+  with open(tmp_path / 'cut' / 'metrics.jsonl', 'a') as f:
+    f.write('{"step": 50, "lo')
   lines = []
   resumed = train_lib.train(model, config, x, y, str(tmp_path / 'cut'), log=lines.append)
   assert lines[0].startswith('resumed') and 'step 40' in lines[0]
   assert int(resumed.step) == int(full.step) == 50
   _assert_same_state(full, resumed)
+  # Observed: the steps redone after the checkpoint (45 here) were logged twice.
+  steps = [json.loads(line)['step'] for line in open(tmp_path / 'cut' / 'metrics.jsonl')]
+  assert steps == list(range(5, 55, 5))
   # The power-iteration vectors and BN statistics are part of the state and were restored.
   assert jax.tree.leaves(resumed.lipschitz) and jax.tree.leaves(resumed.batch_stats)
 
