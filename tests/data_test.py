@@ -147,7 +147,7 @@ def test_npz_labels_are_checked_against_the_classes(tmp_path):
       data.load(name, split)
   # Observed: negative labels were accepted.
   name = _npz(tmp_path / 'negative.npz', x, np.array([0, 1, -1, 2, 3, 4, 5, 6, 7, 8]))
-  with pytest.raises(ValueError, match=r"negative.npz.*'y_train'.*labels\[2\] = -1 is outside"):
+  with pytest.raises(ValueError, match=r"negative.npz.*'y_train'.*labels\[2\] = -1 is negative"):
     data.load(name, 'train')
   # A test label no training example has.
   name = _npz(tmp_path / 'unseen.npz', x, np.arange(10) % 5, y_test=np.array([0] * 9 + [7]))

@@ -2,7 +2,6 @@
 that it failed with one clear line; hashes a folder (to show nothing changed); loads a
 benchmarks/ script as a module (its main(argv) is then called in-process)."""
 
-import hashlib
 import importlib.util
 import os
 import subprocess
@@ -44,12 +43,7 @@ def assert_one_line_error(proc, *needles: str) -> None:
 
 
 def tree_hashes(root) -> dict[str, str]:
-  """{relative path: sha256} of every file under `root`: equal before and after means nothing
-  on disk changed."""
-  out = {}
-  for folder, _, files in os.walk(root):
-    for name in files:
-      path = os.path.join(folder, name)
-      with open(path, 'rb') as f:
-        out[os.path.relpath(path, root)] = hashlib.sha256(f.read()).hexdigest()
-  return out
+  """{relative path: sha256} of every file under `root` (`workdir.file_hashes`)."""
+  from tsuzuku_jax import workdir
+
+  return workdir.file_hashes(str(root))

@@ -49,6 +49,7 @@ def check_images(
   *,
   pixel_range: tuple[float, float] | None = (0.0, 1.0),
   ndim: int | None = 4,
+  hint: str = '',
 ) -> None:
   """Raises `InvalidInput` unless `images` is a finite float batch (NHWC when ndim=4).
 
@@ -58,6 +59,7 @@ def check_images(
     pixel_range: (lo, hi) every value must lie in, for functions that work in pixel space (they
       clip to it or measure norms in its units); None: only finiteness is checked.
     ndim: required number of dimensions (4: (N, H, W, C)); None: any.
+    hint: appended to the out-of-range message (e.g. how to skip the range check).
   """
   if _traced(images):
     return
@@ -86,7 +88,7 @@ def check_images(
     bad = (host < pixel_range[0]) | (host > pixel_range[1])
     raise InvalidInput(
       f'{name}{_index(bad)} = {host[bad][0]:.6g} is outside [{pixel_range[0]:g}, '
-      f'{pixel_range[1]:g}]; expected pixel values in that range (or pass clip=None)'
+      f'{pixel_range[1]:g}]; expected pixel values in that range{hint}'
     )
 
 
@@ -113,8 +115,11 @@ def check_labels(labels: Any, num_classes: int | None, name: str = 'labels', *, 
   bad = (host < 0) | (host >= hi)
   if bad.any():
     i = int(np.argmax(bad))
-    want = f'[0, {num_classes})' if num_classes is not None else '>= 0'
-    raise InvalidInput(f'{name}[{i}] = {host[i]} is outside {want}; expected a class index')
+    if num_classes is None:
+      raise InvalidInput(f'{name}[{i}] = {host[i]} is negative; expected a class index >= 0')
+    raise InvalidInput(
+      f'{name}[{i}] = {host[i]} is outside [0, {num_classes}); expected a class index'
+    )
 
 
 def check_params(params: Any, name: str = 'params') -> None:

@@ -62,19 +62,22 @@ def validate_name(name: str) -> None:
     raise InvalidInput(f'unknown dataset {name!r}; accepted names: {", ".join(NAMES)}')
 
 
-def _to_arrays(images: np.ndarray, labels: np.ndarray, where: str) -> tuple[np.ndarray, np.ndarray]:
+def _to_arrays(
+  images, labels, where: str, keys: tuple[str, str] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
   """uint8 [0, 255] or float [0, 1] images (N,H,W[,C]) and integer labels (N,) -> float32
-  (N,H,W,C) in [0,1], int32 (N,). `where` names the source (file and keys) in every error."""
+  (N,H,W,C) in [0,1], int32 (N,). Errors name `where` (the source) and the key at fault."""
   images, labels = np.asarray(images), np.asarray(labels)
+  at = [f'{where} key {k!r}' for k in keys] if keys else [where, where]
   if images.ndim == 3:
     images = images[..., None]
   if images.ndim != 4:
-    raise InvalidInput(f'{where}: images must be (N,H,W) or (N,H,W,C), got shape {images.shape}')
+    raise InvalidInput(f'{at[0]}: images must be (N,H,W) or (N,H,W,C), got shape {images.shape}')
   if labels.ndim == 2 and labels.shape[1] == 1:
     labels = labels[:, 0]
   if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
     raise InvalidInput(
-      f'{where}: labels must be integers of shape (N,), got {labels.dtype} {labels.shape}'
+      f'{at[1]}: labels must be integers of shape (N,), got {labels.dtype} {labels.shape}'
     )
   if len(labels) != len(images):
     raise InvalidInput(f'{where}: {len(images)} images but {len(labels)} labels')
@@ -84,17 +87,17 @@ def _to_arrays(images: np.ndarray, labels: np.ndarray, where: str) -> tuple[np.n
   elif np.issubdtype(images.dtype, np.floating):
     x = images.astype(np.float32)
     try:
-      check_images(x)
+      check_images(x, hint=' (float images are taken as they are: pixels in [0, 1])')
     except InvalidInput as e:
-      raise InvalidInput(f'{where}: {e} (float images must lie in [0, 1])') from None
+      raise InvalidInput(f'{at[0]}: {e}') from None
   else:
     raise InvalidInput(
-      f'{where}: images have dtype {images.dtype}; expected uint8 in [0, 255] or float in [0, 1]'
+      f'{at[0]}: images have dtype {images.dtype}; expected uint8 in [0, 255] or float in [0, 1]'
     )
   try:
     check_labels(labels, None)
   except InvalidInput as e:
-    raise InvalidInput(f'{where}: {e}') from None
+    raise InvalidInput(f'{at[1]}: {e}') from None
   return x, labels.astype(np.int32)
 
 
@@ -200,7 +203,7 @@ def _load_npz_split(path: str, split: str, num_classes: int | None):
   xk, yk = f'x_{split}', f'y_{split}'
   kind = 'folder' if os.path.isdir(path) else 'file'
   x, y = _load_npz(path, split, (xk, yk))
-  images, labels = _to_arrays(x, y, f'npz {kind} {path!r} keys {xk!r}, {yk!r}')
+  images, labels = _to_arrays(x, y, f'npz {kind} {path!r}', (xk, yk))
   if num_classes is None:
     train = labels if split == 'train' else _load_npz(path, 'train', ('y_train',))[0]
     train = train.reshape(len(train), -1)[:, 0] if np.ndim(train) == 2 else train

@@ -37,7 +37,8 @@ def _check_grid(hw) -> tuple[int, int]:
 
 def _check_pixels(images, clip, name: str = 'images') -> None:
   """NHWC, finite, and within the clip range when the function works in pixel space."""
-  checks.check_images(images, name, pixel_range=None if clip is None else tuple(clip))
+  box = None if clip is None else tuple(clip)
+  checks.check_images(images, name, pixel_range=box, hint=' (or pass clip=None)')
 
 
 def check_frequency(hw, freq) -> tuple[int, int]:

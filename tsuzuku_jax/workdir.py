@@ -13,6 +13,7 @@ killed at any moment leaves either the old file or the new one, never half of on
 """
 
 import datetime
+import hashlib
 import json
 import os
 from collections.abc import Callable, Iterable, Mapping
@@ -215,6 +216,18 @@ def _show(v: Any) -> str:
   if isinstance(v, list):
     return ','.join(str(x) for x in v)
   return str(v)
+
+
+def file_hashes(root: str) -> dict[str, str]:
+  """{path relative to root: sha256 of its bytes} for every file under `root`: equal before and
+  after an operation means it changed nothing on disk."""
+  out = {}
+  for folder, _, files in os.walk(root):
+    for name in files:
+      path = os.path.join(folder, name)
+      with open(path, 'rb') as f:
+        out[os.path.relpath(path, root)] = hashlib.sha256(f.read()).hexdigest()
+  return dict(sorted(out.items()))
 
 
 def trim_jsonl(path: str, keep: Callable[[dict], bool]) -> int:
