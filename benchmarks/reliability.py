@@ -19,6 +19,7 @@ check fails.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -72,18 +73,69 @@ def _numbers(results: dict) -> dict:
   return {m: {k: v for k, v in results[m].items() if k not in drop} for m in MODELS}
 
 
-def kill_restart(flags: list[str], root: str, kills: int, seed: int = 0) -> dict:
-  """Reference run in ROOT/reference, then --kills random kills and a final run in ROOT/killed."""
-  ref, cut = os.path.join(root, 'reference'), os.path.join(root, 'killed')
+def _timed_run(args: list[str]) -> list[tuple[float, str]]:
+  """Runs the launcher to the end; its stdout lines with the seconds since the start."""
   t0 = time.time()
-  proc = launch(LMT, *flags, f'--workdir={ref}')
-  if proc.returncode:
-    raise RuntimeError(f'reference run failed:\n{proc.stderr[-3000:]}')
-  t_ref = time.time() - t0
+  p = subprocess.Popen(
+    [sys.executable, LMT, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    env=_env(),
+  )  # fmt: skip
+  lines = [(time.time() - t0, line.rstrip()) for line in p.stdout]
+  err = p.stderr.read()
+  if p.wait():
+    raise RuntimeError(f'reference run failed:\n{err[-3000:]}')
+  return lines + [(time.time() - t0, '<exit>')]
+
+
+def _reference_time(timeline, model: str, step: int) -> float:
+  """When the reference run had `model` trained to `step` (its header line for step 0)."""
+  seen = False
+  for t, line in timeline:
+    if line.startswith(f'== training {model}'):
+      seen = True
+      if step == 0:
+        return t
+    elif seen and line.startswith(f'step {step}/'):
+      return t
+  raise ValueError(f'the reference run never logged {model} step {step}')
+
+
+def _checkpoint(path: str) -> int:
+  """The latest committed checkpoint step under `path`/checkpoints (0: none)."""
+  folder = os.path.join(path, 'checkpoints')
+  steps = [int(d) for d in os.listdir(folder) if d.isdigit()] if os.path.isdir(folder) else []
+  return max(steps, default=0)
+
+
+def _remaining(timeline, cut: str, steps: int) -> float:
+  """Expected wall time of a restart in `cut`: the reference's start-up (imports, data, the
+  record) plus its time from the point the restart resumes from to its end."""
+  startup = _reference_time(timeline, MODELS[0], 0)
+  at = _reference_time(timeline, MODELS[0], 0)
+  for m in MODELS:
+    done = _checkpoint(os.path.join(cut, m))
+    if done:
+      at = _reference_time(timeline, m, done)
+    if done < steps:
+      break
+  return startup + timeline[-1][0] - at
+
+
+def kill_restart(flags: list[str], root: str, kills: int, seed: int = 0) -> dict:
+  """Reference run in ROOT/reference, then `kills` random kills and a final run in ROOT/killed.
+
+  Each start is killed at a moment drawn uniformly from [0.5 s, 0.9 x its expected duration]
+  (the reference's start-up plus its time from the checkpoint the start resumes from to the
+  end), so that the kills land anywhere: start-up, training, checkpointing, evaluation.
+  """
+  ref, cut = os.path.join(root, 'reference'), os.path.join(root, 'killed')
+  timeline = _timed_run([*flags, f'--workdir={ref}'])
+  t_ref = timeline[-1][0]
+  steps = int(next(ln.split()[1].split('/')[1] for _, ln in timeline if ln.startswith('step ')))
   rng = random.Random(seed)
   events = []
   for i in range(kills):
-    delay = rng.uniform(0.5, max(0.6, 0.8 * t_ref))
+    delay = rng.uniform(0.5, max(0.6, 0.9 * _remaining(timeline, cut, steps)))
     p = subprocess.Popen(
       [sys.executable, LMT, *flags, f'--workdir={cut}'],
       stdout=subprocess.DEVNULL,
@@ -106,6 +158,7 @@ def kill_restart(flags: list[str], root: str, kills: int, seed: int = 0) -> dict
         'results_json_after': os.path.exists(os.path.join(cut, 'results.json')),
         'last_logged_step': {m: (_steps(os.path.join(cut, m, 'metrics.jsonl')) or [0])[-1]
                              for m in MODELS},
+        'checkpoint': {m: _checkpoint(os.path.join(cut, m)) for m in MODELS},
       }
     )  # fmt: skip
     if not killed:
@@ -129,6 +182,7 @@ def kill_restart(flags: list[str], root: str, kills: int, seed: int = 0) -> dict
     'no_results_json_after_a_kill': not any(e['results_json_after'] for e in events if e['killed']),
     'kills_landed': sum(e['killed'] for e in events),
   }
+  checks['all_kills_landed'] = checks['kills_landed'] == kills
   checks['ok'] = all(v for k, v in checks.items() if k != 'kills_landed')
   return {'reference_seconds': t_ref, 'events': events, 'checks': checks, 'flags': flags}
 
@@ -163,7 +217,12 @@ def _library_cases(finished: str) -> list[tuple[str, callable]]:
   over = x.copy()
   over[7, 0, 0, 0] = 1.5
   key = jax.random.key(0)
-  config = train_lib.TrainConfig(steps=5, learning_rate=0.5)
+  # The finished LMT model's own training settings, with another learning rate.
+  rec = workdir.read_run(os.path.join(finished, 'lmt'))['config']
+  names = {f.name for f in dataclasses.fields(train_lib.TrainConfig)}
+  config = train_lib.TrainConfig(**{k: v for k, v in rec.items() if k in names})
+  config = dataclasses.replace(config, learning_rate=2 * config.learning_rate)
+  lmt_model = models.MLP(10, hidden=tuple(rec['model']['hidden']))
   return [
     ('`lmt.certify_dataset` on a test set with one nan pixel',
      lambda: lmt.certify_dataset(logits_fn, bounds, nan, y, [0.1])),
@@ -174,7 +233,7 @@ def _library_cases(finished: str) -> list[tuple[str, callable]]:
     ('`attacks.pgd_l2` with a label 10 for a 10-class model',
      lambda: attacks.pgd_l2(logits_fn, x[:4], np.array([0, 1, 10, 2]), 0.1, key=key)),
     ('`train_lib.train` in the finished run\'s `lmt/` with another learning rate',
-     lambda: train_lib.train(models.MLP(10, hidden=(256,)), config, *data.load('digits', 'train'),
+     lambda: train_lib.train(lmt_model, config, *data.load('digits', 'train'),
                              os.path.join(finished, 'lmt'), log=lambda s: None)),
   ]  # fmt: skip
 

@@ -29,7 +29,7 @@ def test_kill_restart_then_bad_inputs(bench, tmp_path):
   flags = [bench.FLAGS[0], *FLAGS]  # the digits flagfile, then tiny settings
   out = bench.kill_restart(flags, str(tmp_path), kills=3, seed=1)
   checks = out['checks']
-  assert checks['kills_landed'] >= 1, out['events']
+  assert checks['all_kills_landed'] and checks['kills_landed'] == 3, out['events']
   assert checks['params_bit_identical'] and checks['results_identical'], checks
   assert checks['metrics_steps_exact'] and checks['no_results_json_after_a_kill'], checks
   rows = bench.bad_inputs(str(tmp_path / 'reference'), str(tmp_path / 'scratch'), flags, only=2)
