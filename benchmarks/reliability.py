@@ -87,17 +87,26 @@ def _timed_run(args: list[str]) -> list[tuple[float, str]]:
   return lines + [(time.time() - t0, '<exit>')]
 
 
-def _reference_time(timeline, model: str, step: int) -> float:
-  """When the reference run had `model` trained to `step` (its header line for step 0)."""
-  seen = False
+def _phases(timeline, steps: int) -> dict:
+  """From the reference's timeline: start-up (imports, data, the record) and, per model, when
+  its training began (header line), when each logged step was reached, and its evaluation time
+  (from its last step to the next model's header or the end)."""
+  out = {'startup': None}
+  for m in MODELS:
+    out[m] = {'steps': {}}
+  current = None
   for t, line in timeline:
-    if line.startswith(f'== training {model}'):
-      seen = True
-      if step == 0:
-        return t
-    elif seen and line.startswith(f'step {step}/'):
-      return t
-  raise ValueError(f'the reference run never logged {model} step {step}')
+    head = [m for m in MODELS if line.startswith(f'== training {m} ')]
+    if head:
+      if current:
+        out[current]['eval'] = t - out[current]['steps'][steps]
+      current = head[0]
+      out[current]['steps'][0] = t
+      out['startup'] = t if out['startup'] is None else out['startup']
+    elif current and line.startswith('step '):
+      out[current]['steps'][int(line.split()[1].split('/')[0])] = t
+  out[current]['eval'] = timeline[-1][0] - out[current]['steps'][steps]
+  return out
 
 
 def _checkpoint(path: str) -> int:
@@ -107,35 +116,34 @@ def _checkpoint(path: str) -> int:
   return max(steps, default=0)
 
 
-def _remaining(timeline, cut: str, steps: int) -> float:
-  """Expected wall time of a restart in `cut`: the reference's start-up (imports, data, the
-  record) plus its time from the point the restart resumes from to its end."""
-  startup = _reference_time(timeline, MODELS[0], 0)
-  at = _reference_time(timeline, MODELS[0], 0)
+def _remaining(phases: dict, cut: str, steps: int) -> float:
+  """Expected wall time of a start in `cut`, from the reference's phases: start-up, then per
+  model its training from the checkpoint the start resumes from and its evaluation (a model
+  already trained is evaluated again). Compilation after a resume is not counted, so this
+  errs short: the kill lands before the end."""
+  total = phases['startup']
   for m in MODELS:
-    done = _checkpoint(os.path.join(cut, m))
-    if done:
-      at = _reference_time(timeline, m, done)
-    if done < steps:
-      break
-  return startup + timeline[-1][0] - at
+    at = phases[m]['steps']
+    total += at[steps] - at[_checkpoint(os.path.join(cut, m))] + phases[m]['eval']
+  return total
 
 
 def kill_restart(flags: list[str], root: str, kills: int, seed: int = 0) -> dict:
   """Reference run in ROOT/reference, then `kills` random kills and a final run in ROOT/killed.
 
   Each start is killed at a moment drawn uniformly from [0.5 s, 0.9 x its expected duration]
-  (the reference's start-up plus its time from the checkpoint the start resumes from to the
-  end), so that the kills land anywhere: start-up, training, checkpointing, evaluation.
+  (`_remaining`), so that the kills land anywhere: start-up, training, checkpointing,
+  evaluation.
   """
   ref, cut = os.path.join(root, 'reference'), os.path.join(root, 'killed')
   timeline = _timed_run([*flags, f'--workdir={ref}'])
   t_ref = timeline[-1][0]
   steps = int(next(ln.split()[1].split('/')[1] for _, ln in timeline if ln.startswith('step ')))
+  phases = _phases(timeline, steps)
   rng = random.Random(seed)
   events = []
   for i in range(kills):
-    delay = rng.uniform(0.5, max(0.6, 0.9 * _remaining(timeline, cut, steps)))
+    delay = rng.uniform(0.5, max(0.6, 0.9 * _remaining(phases, cut, steps)))
     p = subprocess.Popen(
       [sys.executable, LMT, *flags, f'--workdir={cut}'],
       stdout=subprocess.DEVNULL,
@@ -359,15 +367,22 @@ def main(argv=None) -> dict:
         f'{kr["reference_seconds"]:.1f} s):')  # fmt: skip
   print(
     format_table(
-      ['restart', 'killed after s', 'killed', 'results.json', 'lmt step', 'baseline step'],
+      [
+        'start',
+        'killed after s',
+        'killed',
+        'results.json',
+        'logged lmt / baseline',
+        'checkpoint lmt / baseline',
+      ],
       [
         [
           i,
           e['kill_after_s'],
           e['killed'],
           e['results_json_after'],
-          e['last_logged_step']['lmt'],
-          e['last_logged_step']['baseline'],
+          '{lmt} / {baseline}'.format(**e['last_logged_step']),
+          '{lmt} / {baseline}'.format(**e['checkpoint']),
         ]
         for i, e in enumerate(kr['events'])
       ],
