@@ -150,10 +150,8 @@ def pgd_l2(
     e = np.asarray(eps, np.float64)
     if not (np.all(np.isfinite(e)) and np.all(e >= 0)):
       raise checks.InvalidInput(f'eps must be finite and >= 0, got {e.min()}..{e.max()}')
-  return _pgd_l2(
-    logits_fn, x, y, eps, key=key, steps=steps, restarts=restarts, step_size=step_size,
-    loss=loss, clip_min=clip_min, clip_max=clip_max,
-  )  # fmt: skip
+  args = (key, steps, restarts, step_size, loss, clip_min, clip_max)
+  return _pgd_l2(logits_fn, x, y, eps, *args)
 
 
 def pixel_box(clip_min: float | None, clip_max: float | None) -> tuple[float, float]:
@@ -163,20 +161,7 @@ def pixel_box(clip_min: float | None, clip_max: float | None) -> tuple[float, fl
 
 
 @functools.partial(jax.jit, static_argnames=('logits_fn', 'steps', 'restarts', 'loss'))
-def _pgd_l2(
-  logits_fn: LogitsFn,
-  x: jax.typing.ArrayLike,
-  y: jax.typing.ArrayLike,
-  eps: jax.typing.ArrayLike,
-  *,
-  key: jax.Array,
-  steps: int = 40,
-  restarts: int = 4,
-  step_size: jax.typing.ArrayLike | None = None,
-  loss: str = 'margin',
-  clip_min: float | None = 0.0,
-  clip_max: float | None = 1.0,
-) -> jax.Array:
+def _pgd_l2(logits_fn, x, y, eps, key, steps, restarts, step_size, loss, clip_min, clip_max):
   x = jnp.asarray(x)
   y = jnp.asarray(y)
   eps = _per_example(eps, x)
