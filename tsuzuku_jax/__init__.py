@@ -7,6 +7,7 @@ Modules: `data`, `models`, `lipschitz`, `lmt`, `attacks`, `train_lib`, `plotting
 """
 
 from tsuzuku_jax import (
+  analysis,
   attacks,
   collectives,
   compression,
@@ -43,6 +44,7 @@ from tsuzuku_jax.models import LipBounds
 
 __all__ = [
   'LipBounds',
+  'analysis',
   'attacks',
   'certificate_bounds',
   'certified_accuracy',

@@ -1,0 +1,259 @@
+"""The jaxpr Lipschitz analysis on plain Flax models: exact on linear maps (against a float64
+dense reference), sound on a zoo of nonlinear ones (against the largest Jacobian norms found on
+many inputs, and a PGD attack inside the certified radii), clear refusals of what it cannot
+bound."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tsuzuku_jax import analysis, attacks, lmt, models
+
+SHAPE = (8, 8, 2)
+K = 5
+
+
+class _Mlp(nn.Module):
+  act: bool = True
+  fn: object = nn.relu
+
+  @nn.compact
+  def __call__(self, x):
+    x = x.reshape(x.shape[0], -1)
+    for w in (32, 16):
+      x = nn.Dense(w)(x)
+      x = self.fn(x) if self.act else x
+    return nn.Dense(K)(x)
+
+
+def _mish(x):
+  return x * jnp.tanh(jax.nn.softplus(x))
+
+
+class _Cnn(nn.Module):
+  """Strided convs, overlapping max pooling, input normalisation by constants."""
+
+  act: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    x = (x - jnp.array([0.4, 0.6])) / jnp.array([0.2, 0.3])
+    x = nn.Conv(6, (3, 3), strides=(2, 2))(x)
+    if self.act:
+      x = nn.max_pool(nn.relu(x), (3, 3), (1, 1), padding='SAME')
+    x = nn.Conv(8, (3, 3), padding='VALID')(x)
+    x = x.reshape(x.shape[0], -1)
+    return nn.Dense(K)(x)
+
+
+class _BnResNet(nn.Module):
+  """Conv + inference batch norm, a residual block with a 1x1 projection, average pooling."""
+
+  act: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    act = nn.relu if self.act else (lambda z: z)
+    bn = functools.partial(nn.BatchNorm, use_running_average=True)
+    x = act(bn()(nn.Conv(4, (3, 3))(x)))
+    y = act(bn()(nn.Conv(6, (3, 3), strides=(2, 2))(x)))
+    y = bn()(nn.Conv(6, (3, 3))(y))
+    x = act(y + nn.Conv(6, (1, 1), strides=(2, 2))(x))
+    x = nn.avg_pool(x, (2, 2), (2, 2))
+    return nn.Dense(K)(x.reshape(x.shape[0], -1))
+
+
+class _Depthwise(nn.Module):
+  act: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(4, (3, 3))(x)
+    x = nn.Conv(4, (3, 3), feature_group_count=4, kernel_dilation=(2, 2))(x)  # depthwise
+    x = nn.gelu(x, approximate=False) if self.act else x
+    x = nn.Conv(6, (1, 1))(x)  # pointwise
+    x = nn.tanh(x) if self.act else x
+    return nn.Dense(K)(jnp.mean(x, axis=(1, 2)))
+
+
+class _MinMax(nn.Module):
+  act: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Dense(16)(x.reshape(x.shape[0], -1))
+    a, b = x[:, :8], x[:, 8:]
+    x = jnp.concatenate([jnp.maximum(a, b), jnp.minimum(a, b)], -1) if self.act else x
+    x = nn.leaky_relu(nn.Dense(12)(x), 0.2) if self.act else nn.Dense(12)(x)
+    return nn.Dense(K)(nn.sigmoid(x) if self.act else x)
+
+
+ZOO = {
+  'mlp': _Mlp,
+  'cnn': _Cnn,
+  'bn_resnet': _BnResNet,
+  'depthwise': _Depthwise,
+  'minmax': _MinMax,
+  'mlp_gelu_tanh': functools.partial(_Mlp, fn=nn.gelu),
+  'mlp_silu': functools.partial(_Mlp, fn=nn.silu),
+  'mlp_mish': functools.partial(_Mlp, fn=_mish),
+}
+
+
+@functools.cache
+def _model(name, act):
+  model = ZOO[name](act=act)
+  v = model.init(jax.random.key(0), jnp.zeros((1, *SHAPE)))
+  if 'batch_stats' in v:  # non-trivial running statistics: means near 0, variances 0.3..2
+    flat = jax.tree_util.tree_flatten_with_path(v['batch_stats'])
+    keys = jax.random.split(jax.random.key(1), len(flat[0]))
+    stats = [
+      jax.random.uniform(k, a.shape, minval=0.3, maxval=2.0)
+      if 'var' in jax.tree_util.keystr(p)
+      else jax.random.uniform(k, a.shape, minval=-0.1, maxval=0.1)
+      for k, (p, a) in zip(keys, flat[0], strict=True)
+    ]
+    v = {**v, 'batch_stats': jax.tree.unflatten(flat[1], stats)}
+  return model, v
+
+
+def _jacobians(model, v, xs):
+  j = jax.jit(jax.vmap(jax.jacfwd(lambda x: model.apply(v, x[None])[0])))(xs)
+  return np.asarray(j, np.float64).reshape(len(xs), K, -1)
+
+
+@pytest.mark.parametrize('name', list(ZOO))
+def test_linear_variants_are_exact_against_a_dense_float64_reference(name):
+  model, v = _model(name, False)
+  cert = analysis.certificate(model.apply, v, SHAPE)
+  # The affine map's matrix, in float64 from float32 parameters.
+  with jax.enable_x64(True):
+    v64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), v)
+    x0 = jnp.zeros((1, *SHAPE), jnp.float64)
+    jac = np.asarray(jax.jacfwd(lambda x: model.apply(v64, x))(x0), np.float64).reshape(K, -1)
+  exact = np.linalg.norm(jac, 2)
+  assert exact <= cert.lipschitz <= exact * (1 + 1e-5)
+  diff = np.linalg.norm(jac[:, None] - jac[None], axis=-1)
+  assert np.all(diff <= cert.pairwise) and np.all(cert.pairwise <= diff * (1 + 1e-5) + 1e-12)
+  # The structured (product) bound, used when a segment is too large to materialise, is sound.
+  loose = analysis.certificate(model.apply, v, SHAPE, exact_max_entries=0)
+  assert loose.lipschitz >= cert.lipschitz * (1 - 1e-6)
+
+
+@pytest.mark.parametrize('name', list(ZOO))
+def test_certificate_bounds_every_jacobian_found(name):
+  model, v = _model(name, True)
+  cert = analysis.certificate(model.apply, v, SHAPE)
+  xs = jax.random.uniform(jax.random.key(2), (96, *SHAPE))
+  jac = _jacobians(model, v, xs)
+  # Gradient ascent on the largest singular value from the 8 worst points.
+  worst = xs[np.argsort([-np.linalg.norm(j, 2) for j in jac])[:8]]
+  top = lambda x: jnp.linalg.norm(
+    jax.jacfwd(lambda z: model.apply(v, z[None])[0])(x).reshape(K, -1), 2
+  )  # noqa: E731, E501
+  step = jax.jit(jax.vmap(lambda x: x + 0.05 * jax.grad(top)(x)))
+  for _ in range(10):
+    worst = step(worst)
+  jac = np.concatenate([jac, _jacobians(model, v, worst)])
+  found = max(np.linalg.norm(j, 2) for j in jac)
+  assert found <= cert.lipschitz, (found, cert.lipschitz)
+  pair = np.linalg.norm(jac[:, :, None] - jac[:, None], axis=-1).max(0)
+  assert np.all(pair <= cert.pairwise * (1 + 1e-6)), np.max(pair - cert.pairwise)
+  assert {s.exact for s in cert.segments} == {True}  # all small enough for exact norms
+
+
+def test_certified_radii_survive_pgd_at_0999():
+  model, v = _model('bn_resnet', True)
+  cert = analysis.certificate(model.apply, v, SHAPE)
+  xs = jax.random.uniform(jax.random.key(3), (64, *SHAPE))
+  pred, radius = analysis.certify(model.apply, v, xs, cert)
+  logits_fn = jax.jit(lambda x: model.apply(v, x))
+  ref_pred, ref_radius = lmt.certified_radius(logits_fn(xs), jnp.asarray(cert.pairwise))
+  np.testing.assert_array_equal(pred, ref_pred)
+  np.testing.assert_allclose(radius, ref_radius, rtol=1e-4)  # two XLA graphs of the logits
+  assert float(jnp.min(radius)) > 0
+  broken = attacks.count_violations(
+    logits_fn, xs, pred, 0.999 * radius, radius > 0, key=jax.random.key(4), steps=50, restarts=4
+  )
+  assert int(broken) == 0
+  # A certificate 3x too small is caught by the same attack (the check can fail).
+  small = lmt.certified_radius(logits_fn(xs), jnp.asarray(cert.pairwise) / 200)[1]
+  broken = attacks.count_violations(
+    logits_fn, xs, pred, small, small > 0, key=jax.random.key(4), steps=50, restarts=4
+  )
+  assert int(broken) > 0
+
+
+def test_only_a_certificate_certifies():
+  model, v = _model('mlp', True)
+  with pytest.raises(TypeError, match='must be a Certificate'):
+    analysis.certify(model.apply, v, jnp.zeros((2, *SHAPE)), np.ones((K, K)))
+
+
+def test_library_mlp_matches_its_own_layer_certificate():
+  model = models.MLP(K, hidden=(16, 16))
+  v = model.init(jax.random.key(0), jnp.zeros((1, *SHAPE)))
+  apply = lambda v, x: model.apply(v, x, mode='none')[0]  # noqa: E731
+  cert = analysis.certificate(apply, v, SHAPE)
+  old = lmt.pairwise_bounds(lmt.certificate_bounds(model.apply, v, SHAPE), 'pairwise')
+  np.testing.assert_allclose(cert.pairwise, np.asarray(old), rtol=1e-5)
+
+
+class _LayerNorm(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Dense(8)(x.reshape(x.shape[0], -1))
+    x = nn.LayerNorm()(x)
+    return nn.Dense(K)(x)
+
+
+class _TrainBn(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(4, (3, 3))(x)
+    x = nn.BatchNorm(use_running_average=False)(x)
+    return nn.Dense(K)(x.reshape(x.shape[0], -1))
+
+
+class _Square(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Dense(8)(x.reshape(x.shape[0], -1))
+    return nn.Dense(K)(x * jnp.tanh(x) + 1.0)
+
+
+class _Softmax(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return jax.nn.softmax(nn.Dense(K)(x.reshape(x.shape[0], -1)))
+
+
+@pytest.mark.parametrize(
+  'module, apply, message',
+  [
+    (_Square, None, r'mul on an input-dependent value at .*\(_Square.__call__\).*product.*known'),
+    (
+      _LayerNorm,
+      None,
+      r'square on an input-dependent value at .*_test.py:\d+ \(_LayerNorm.__call__\).*layer',
+    ),
+    (_TrainBn, 'mutable', r'_test.py:\d+ \(_TrainBn.__call__\).*inference-mode batch norm'),
+    (
+      _Softmax,
+      None,
+      r'exp on an input-dependent value at .*_test.py:\d+ \(_Softmax.__call__\).*logits',
+    ),
+  ],
+)
+def test_unsupported_operations_name_the_primitive_and_line(module, apply, message):
+  model = module()
+  v = model.init(jax.random.key(0), jnp.zeros((1, *SHAPE)))
+  fn = model.apply
+  if apply == 'mutable':
+    fn = lambda v, x: model.apply(v, x, mutable=['batch_stats'])[0]  # noqa: E731
+  with pytest.raises(analysis.UnsupportedOperation, match=message):
+    analysis.certificate(fn, v, SHAPE)
