@@ -95,6 +95,8 @@ def _compose(step: 'Step', lin: Linear) -> Linear:
     )
   if step.kernel is not None:
     return Linear(lin.in_shape, step.out_shape, apply, lin.bound, step.kernel)
+  if step.transparent:
+    return dataclasses.replace(lin, out_shape=step.out_shape, apply=apply)
   prev = lin.bound
   return Linear(lin.in_shape, step.out_shape, apply, lambda: step.bound() * prev())
 
@@ -114,6 +116,7 @@ class Step:
   bound: Callable[[], float]
   scale: Any = None  # a (C,) per-last-axis scale this step multiplies by (for folding)
   kernel: Any = None  # (kind, kernel, info, bound_fn) when this step is a conv or dense layer
+  transparent: bool = False  # +-identity up to an offset (a bias): a kernel before it stays
 
 
 def _matrix_norm(m: np.ndarray) -> float:
@@ -551,8 +554,14 @@ def _additive(eqn, ins, i, shape):
   if eqn.primitive.name == 'select_n' and i == 0:
     raise _unsupported(eqn, 'a selection by an input-dependent condition')
   n_in = math.prod(ins[i].shape)
-  copies = math.prod(shape) / max(n_in, 1) if eqn.primitive.name in ('add', 'sub') else 1.0
-  return Step(shape, _applier(eqn, ins, i, True), lambda: math.sqrt(copies))
+  add = eqn.primitive.name in ('add', 'sub', 'add_any')
+  copies = math.prod(shape) / max(n_in, 1) if add else 1.0
+  # x + bias or bias - x: the linear part is +-x, so a conv or dense kernel before it can still
+  # take a following batch-norm scale.
+  transparent = add and copies == 1
+  return Step(
+    shape, _applier(eqn, ins, i, True), lambda: math.sqrt(copies), transparent=transparent
+  )
 
 
 def _mul(eqn, ins, i, shape):
@@ -570,7 +579,7 @@ def _mul(eqn, ins, i, shape):
 
 
 def _neg(eqn, ins, i, shape):
-  return Step(shape, _applier(eqn, ins, i, False), lambda: 1.0)
+  return Step(shape, _applier(eqn, ins, i, False), lambda: 1.0, transparent=True)
 
 
 def _dot(eqn, ins, i, shape):
