@@ -123,34 +123,30 @@ def _matrix_norm(m: np.ndarray) -> float:
   return lipschitz._dense_bound_np(np.asarray(m, np.float64))
 
 
-def exact_norm(lin: Linear, chunk: int = 256) -> float:
-  """||lin||_2 from its dense matrix in float64 (columns or rows, whichever side is smaller)."""
+def matrix(lin: Linear, by_rows: bool | None = None, chunk: int = 256) -> np.ndarray:
+  """The dense (n_out, n_in) float64 matrix of `lin`: column by column through the map itself,
+  or row by row through its transpose (`jax.vjp`); by default whichever side is smaller."""
   n_in, n_out = math.prod(lin.in_shape), math.prod(lin.out_shape)
+  by_rows = n_out < n_in if by_rows is None else by_rows
   with jax.enable_x64(True):
-    if n_in <= n_out:
-      fn, shape, n = jax.jit(jax.vmap(lin.apply)), lin.in_shape, n_in
-    else:
+    if by_rows:
       _, vjp = jax.vjp(lin.apply, jnp.zeros(lin.in_shape, jnp.float64))
       fn, shape, n = jax.jit(jax.vmap(lambda y: vjp(y)[0])), lin.out_shape, n_out
+    else:
+      fn, shape, n = jax.jit(jax.vmap(lin.apply)), lin.in_shape, n_in
     parts = []
     for start in range(0, n, chunk):
       idx = np.arange(start, min(start + chunk, n))
-      basis = np.zeros((len(idx), n), np.float64)
+      basis = np.zeros((len(idx), n), np.float64)  # unit vectors e_idx
       basis[np.arange(len(idx)), idx] = 1.0
-      parts.append(np.asarray(fn(jnp.asarray(basis.reshape(len(idx), *shape))), np.float64))
+      parts.append(np.asarray(fn(jnp.asarray(basis.reshape(len(basis), *shape))), np.float64))
   m = np.concatenate([p.reshape(len(p), -1) for p in parts])
-  return _matrix_norm(m)
+  return m if by_rows else m.T
 
 
-def rows(lin: Linear) -> np.ndarray:
-  """The (n_out, n_in) float64 matrix of `lin`, row by row through its transpose (for a map
-  with few outputs, such as the logits)."""
-  n_out = math.prod(lin.out_shape)
-  with jax.enable_x64(True):
-    _, vjp = jax.vjp(lin.apply, jnp.zeros(lin.in_shape, jnp.float64))
-    eye = jnp.eye(n_out, dtype=jnp.float64).reshape(n_out, *lin.out_shape)
-    out = jax.jit(jax.vmap(lambda y: vjp(y)[0]))(eye)
-  return np.asarray(out, np.float64).reshape(n_out, -1)
+def exact_norm(lin: Linear) -> float:
+  """||lin||_2 from its dense matrix in float64."""
+  return _matrix_norm(matrix(lin))
 
 
 # ----------------------------------------------------------------------------- the analysis
@@ -593,14 +589,13 @@ def _dot(eqn, ins, i, shape):
     math.prod(w.shape[len(batch) : len(batch) + len(contract)]),
   )
   w = w.reshape(nb, nc, -1)
-  info = {'last_axis_out': i == 0 and not batch and free == [w.ndim - 1]}
 
   def bound_fn(kernel):
     return max(_matrix_norm(k) for k in kernel)
 
   # A per-channel scale on the output's last axis folds into the kernel's columns when the
   # kernel's free dimension is that axis (a dense layer x @ W).
-  kernel = ('dense', w, info, bound_fn) if i == 0 and nb == 1 and len(free) == 1 else None
+  kernel = ('dense', w, None, bound_fn) if i == 0 and nb == 1 and len(free) == 1 else None
   return Step(shape, _applier(eqn, ins, i, False), lambda: bound_fn(w), kernel=kernel)
 
 
@@ -751,7 +746,7 @@ def certificate(
   pair = np.zeros((k, k))
   total = 0.0
   for a, lin in out.terms.items():
-    r = rows(lin)  # (K, n_in), float64
+    r = matrix(lin, by_rows=True)  # (K, n_in), float64
     diff = np.sqrt(np.maximum(np.sum((r[:, None] - r[None]) ** 2, -1), 0.0))
     pair += diff * interp.lipschitz(a) * (1 + _RTOL)
     b = _matrix_norm(r) * (1 + _RTOL)

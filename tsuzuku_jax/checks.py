@@ -73,23 +73,23 @@ def check_images(
     )
   if not np.prod(shape):
     raise InvalidInput(f'{name} is empty (shape {shape})')
-  if isinstance(images, jax.Array):
+  if isinstance(images, jax.Array):  # one reduction on the device
     with jax.ensure_compile_time_eval():  # concrete values closed over inside a user's jit
       finite, lo, hi = (float(v) for v in _summary(images))
   else:
-    host = np.asarray(images)
-    finite, lo, hi = bool(np.isfinite(host).all()), float(host.min()), float(host.max())
+    finite, lo, hi = bool(np.isfinite(images).all()), float(np.min(images)), float(np.max(images))
+  outside = pixel_range is not None and (lo < pixel_range[0] or hi > pixel_range[1])
+  if finite and not outside:
+    return
+  host = np.asarray(images)  # on the way to an error only: find the first bad entry
   if not finite:
-    host = np.asarray(images)
     bad = ~np.isfinite(host)
     raise InvalidInput(f'{name}{_index(bad)} is {host[bad][0]}; expected finite pixel values')
-  if pixel_range is not None and (lo < pixel_range[0] or hi > pixel_range[1]):
-    host = np.asarray(images)
-    bad = (host < pixel_range[0]) | (host > pixel_range[1])
-    raise InvalidInput(
-      f'{name}{_index(bad)} = {host[bad][0]:.6g} is outside [{pixel_range[0]:g}, '
-      f'{pixel_range[1]:g}]; expected pixel values in that range{hint}'
-    )
+  bad = (host < pixel_range[0]) | (host > pixel_range[1])
+  raise InvalidInput(
+    f'{name}{_index(bad)} = {host[bad][0]:.6g} is outside [{pixel_range[0]:g}, '
+    f'{pixel_range[1]:g}]; expected pixel values in that range{hint}'
+  )
 
 
 def check_labels(labels: Any, num_classes: int | None, name: str = 'labels', *, n=None) -> None:

@@ -86,26 +86,14 @@ def _to_arrays(
     x /= 255.0
   elif np.issubdtype(images.dtype, np.floating):
     x = images.astype(np.float32)
-    try:
-      check_images(x, hint=' (float images are taken as they are: pixels in [0, 1])')
-    except InvalidInput as e:
-      raise InvalidInput(f'{at[0]}: {e}') from None
+    hint = ' (float images are taken as they are: pixels in [0, 1])'
+    check_images(x, f'{at[0]}: images', hint=hint)
   else:
     raise InvalidInput(
       f'{at[0]}: images have dtype {images.dtype}; expected uint8 in [0, 255] or float in [0, 1]'
     )
-  try:
-    check_labels(labels, None)
-  except InvalidInput as e:
-    raise InvalidInput(f'{at[1]}: {e}') from None
+  check_labels(labels, None, f'{at[1]}: labels')
   return x, labels.astype(np.int32)
-
-
-def _check_classes(labels: np.ndarray, num_classes: int, where: str) -> None:
-  try:
-    check_labels(labels, num_classes)
-  except InvalidInput as e:
-    raise InvalidInput(f'{where}: {e} ({num_classes} classes)') from None
 
 
 def infer_num_classes(train_labels: np.ndarray, where: str = 'training labels') -> int:
@@ -120,7 +108,7 @@ def infer_num_classes(train_labels: np.ndarray, where: str = 'training labels') 
   labels = np.asarray(train_labels)
   if not labels.size:
     raise InvalidInput(f'{where}: no labels')
-  check_labels(labels, None, where)
+  check_labels(labels, None, f'{where}: labels')
   k = int(labels.max()) + 1
   missing = np.setdiff1d(np.arange(k), labels)
   if missing.size:
@@ -208,7 +196,7 @@ def _load_npz_split(path: str, split: str, num_classes: int | None):
     train = labels if split == 'train' else _load_npz(path, 'train', ('y_train',))[0]
     train = train.reshape(len(train), -1)[:, 0] if np.ndim(train) == 2 else train
     num_classes = infer_num_classes(train, f"npz {kind} {path!r} key 'y_train'")
-  _check_classes(labels, num_classes, f'npz {kind} {path!r} key {yk!r}')
+  check_labels(labels, num_classes, f'npz {kind} {path!r} key {yk!r}: labels')
   return images, labels
 
 
@@ -247,13 +235,13 @@ def load(
   validate_name(name)
   if name == 'digits':
     images, labels = _load_digits(split)
-    _check_classes(labels, num_classes or 10, 'digits')
+    check_labels(labels, num_classes or 10, 'digits: labels')
     return images, labels
   if name.startswith('npz:'):
     return _load_npz_split(name[len('npz:') :], split, num_classes)
   images, labels = _load_tfds(name, split, data_dir)
   if num_classes is not None:
-    _check_classes(labels, num_classes, f'tfds {name!r} {split}')
+    check_labels(labels, num_classes, f'tfds {name!r} {split}: labels')
   return images, labels
 
 
@@ -274,8 +262,8 @@ def fingerprint(*arrays: np.ndarray) -> str:
 
 
 def identity(name: str, **splits: tuple[np.ndarray, np.ndarray]) -> dict:
-  """What a run was computed on: the dataset name and, per split, its size, image shape,
-  number of classes present and a fingerprint of the images and labels (for `run.json`)."""
+  """What a run was computed on: the dataset name and, per split, its size, image shape and
+  a fingerprint of the images and labels (for `run.json`)."""
   out = {'name': name}
   for split, (images, labels) in splits.items():
     out[split] = {

@@ -35,10 +35,13 @@ def _check_grid(hw) -> tuple[int, int]:
   return h, w
 
 
-def _check_pixels(images, clip, name: str = 'images') -> None:
-  """NHWC, finite, and within the clip range when the function works in pixel space."""
+def _check_inputs(images, clip, labels=None) -> None:
+  """Images NHWC, finite and within the clip range when the function works in pixel space;
+  labels (reference labels: any class index) one per image."""
   box = None if clip is None else tuple(clip)
-  checks.check_images(images, name, pixel_range=box, hint=' (or pass clip=None)')
+  checks.check_images(images, 'images', pixel_range=box, hint=' (or pass clip=None)')
+  if labels is not None:
+    checks.check_labels(labels, None, 'labels', n=np.shape(images)[0])
 
 
 def check_frequency(hw, freq) -> tuple[int, int]:
@@ -224,7 +227,7 @@ def heat_map(
     ValueError: images not NHWC, non-finite or outside `clip`, labels outside [0, K) or of
       another length, a negative eps, an unknown mode, or bad chunk/batch sizes.
   """
-  _check_pixels(images, clip)
+  _check_inputs(images, clip)
   checks.check_labels_for(logits_fn, images, labels)
   if eps < 0:
     raise ValueError(f'eps must be >= 0, got {eps}')
@@ -347,9 +350,7 @@ def fourier_attack(
   Returns:
     An `AttackResult`; its fooling rate is on the whole search set.
   """
-  _check_pixels(images, clip)
-  if labels is not None:
-    checks.check_labels(labels, None, 'labels', n=np.shape(images)[0])
+  _check_inputs(images, clip, labels)
   if eps < 0:
     raise ValueError(f'eps must be >= 0, got {eps}')
   if norm not in ('l2', 'linf'):
@@ -406,8 +407,7 @@ def fooling_rate(
 ) -> float:
   """Fraction of `images` whose predicted label under `images + delta` differs from `labels`
   (all N images, the last batch smaller)."""
-  _check_pixels(images, clip)
-  checks.check_labels(labels, None, 'labels', n=np.shape(images)[0])
+  _check_inputs(images, clip, labels)
   return _fooling_rate(query_fn, images, delta, labels, clip=clip, batch=batch)
 
 
@@ -435,8 +435,7 @@ def shifted_fooling_rates(
   on the grid's multiples of `stride`: an (H / stride, W / stride) array, rounded up."""
   if stride < 1:
     raise ValueError(f'stride must be >= 1, got {stride}')
-  _check_pixels(images, clip)
-  checks.check_labels(labels, None, 'labels', n=np.shape(images)[0])
+  _check_inputs(images, clip, labels)
   h, w = delta.shape[:2]
   rows, cols = range(0, h, stride), range(0, w, stride)
   out = np.zeros((len(rows), len(cols)))
@@ -479,8 +478,7 @@ def calibrate_eps(
   `target`. Returns `(eps, rate)`: the largest evaluated eps whose mean rate is <= target, and
   that rate. Queries `trials` * N labels per evaluated eps.
   """
-  _check_pixels(images, clip)
-  checks.check_labels(labels, None, 'labels', n=np.shape(images)[0])
+  _check_inputs(images, clip, labels)
   if not 0 <= target < 1 or trials < 1 or iters < 1:
     raise ValueError(
       f'need 0 <= target < 1, trials >= 1, iters >= 1; got {target}, {trials}, {iters}'
@@ -547,7 +545,7 @@ def whitebox_universal(
   Returns:
     The (H, W, C) perturbation, with norm <= eps.
   """
-  _check_pixels(images, clip)
+  _check_inputs(images, clip)
   checks.check_labels_for(logits_fn, images, labels)
   if eps < 0 or steps < 1:
     raise ValueError(f'need eps >= 0 and steps >= 1, got eps={eps}, steps={steps}')

@@ -278,7 +278,7 @@ def train(
 
   checks.check_images(images, pixel_range=None)
   state, tx = create_state(model, config, images.shape[1:])
-  checks.check_labels(labels, checks.num_outputs(logits_fn(model, state), images), n=len(images))
+  checks.check_labels_for(logits_fn(model, state), images, labels)
   record.open_run(
     workdir,
     'train_lib.train',

@@ -33,14 +33,19 @@ class Run(NamedTuple):
   moved_to: str | None  # where `overwrite` moved a previous run, or None
 
 
-def write_json(path: str, obj: Any) -> None:
-  """Writes `obj` as JSON to `path` atomically (temporary file, fsync, rename)."""
+def _replace(path: str, write: Callable[[Any], None]) -> None:
+  """Writes `path` atomically: `write(file)` into a temporary file, fsync, rename."""
   tmp = f'{path}.tmp'
   with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=1, default=_jsonable)
+    write(f)
     f.flush()
     os.fsync(f.fileno())
   os.replace(tmp, path)
+
+
+def write_json(path: str, obj: Any) -> None:
+  """Writes `obj` as JSON to `path` atomically (temporary file, fsync, rename)."""
+  _replace(path, lambda f: json.dump(obj, f, indent=1, default=_jsonable))
 
 
 def _jsonable(x):
@@ -244,10 +249,5 @@ def trim_jsonl(path: str, keep: Callable[[dict], bool]) -> int:
         continue  # a line cut by a kill
       if isinstance(rec, dict) and keep(rec):
         kept.append(line if line.endswith('\n') else line + '\n')
-  tmp = f'{path}.tmp'
-  with open(tmp, 'w') as f:
-    f.writelines(kept)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  _replace(path, lambda f: f.writelines(kept))
   return len(kept)
