@@ -143,7 +143,7 @@ def _loss(model, variables, x, y):
   rest = {k: v for k, v in variables.items() if k != 'params'}
 
   def loss(params):
-    logits = model.apply({'params': params, **rest}, x, train=False, mode='none')[0]
+    logits = model.apply({'params': params, **rest}, x, train=False)
     return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], -1))
 
   return loss

@@ -192,7 +192,7 @@ def main(argv=None) -> dict:
   model = models.CNN(10, (32, 64), 256, batch_norm=False)
   x = _images(s)
   variables = model.init(jax.random.key(s.seed), jnp.asarray(x[:1]))
-  logits_fn = jax.jit(lambda z: model.apply(variables, z, train=False, mode='none')[0])
+  logits_fn = jax.jit(lambda z: model.apply(variables, z, train=False))
   y = np.concatenate(
     [np.asarray(jnp.argmax(logits_fn(x[i : i + 256]), -1)) for i in range(0, len(x), 256)]
   )

@@ -316,12 +316,12 @@ def run_model(spec: Spec, args: argparse.Namespace, on_cpu: bool) -> tuple[dict,
 
   @jax.jit
   def infer(variables, x):
-    logits, _ = model.apply(variables, x, train=False, mode='none')
+    logits, _ = model.apply(variables, x, train=False)
     return jnp.argmax(logits, -1)
 
   @jax.jit
   def certify(variables, x, pair_lip):
-    logits, _ = model.apply(variables, x, train=False, mode='none')
+    logits, _ = model.apply(variables, x, train=False)
     return lmt.certified_radius(logits, pair_lip)
 
   fns = {'plain': _precision(infer, None), 'certify': _precision(certify, 'highest')}

@@ -220,8 +220,8 @@ def _library_cases(finished: str) -> list[tuple[str, callable]]:
 
   x, y = data.load('digits', 'test')
   model = models.MLP(10, hidden=(8,))
-  variables = model.init(jax.random.key(0), x[:1], mode='none')
-  logits_fn = jax.jit(lambda z: model.apply(variables, z, mode='none')[0])
+  variables = model.init(jax.random.key(0), x[:1])
+  logits_fn = jax.jit(lambda z: model.apply(variables, z))
   bounds = lmt.certificate_bounds(model.apply, variables, x.shape[1:])
   nan = x.copy()
   nan[3, 4, 5, 0] = np.nan

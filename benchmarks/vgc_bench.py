@@ -322,7 +322,7 @@ def time_compress(d: int, args: argparse.Namespace, bw: float) -> dict:
 
 def make_loss(model: nn.Module) -> Callable:
   def loss_fn(params, batch):
-    logits = model.apply({'params': params}, batch['image'], mode='none')[0]
+    logits = model.apply({'params': params}, batch['image'])
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label']).mean()
     return loss, jnp.mean(jnp.argmax(logits, -1) == batch['label'])
 
@@ -363,7 +363,7 @@ def time_variance(
     'image': jnp.asarray(rng.uniform(size=(b, *shape)), jnp.float32),
     'label': jnp.asarray(rng.integers(0, 10, b), jnp.int32),
   }
-  init = jax.jit(lambda k: model.init(k, jnp.zeros((1, *shape)), mode='none')['params'])
+  init = jax.jit(lambda k: model.init(k, jnp.zeros((1, *shape)))['params'])
   params = init(jax.random.key(args.seed))
   loss_fn = make_loss(model)
   m = args.microbatches

@@ -127,7 +127,7 @@ def _train_model(hp, seed, xtr, ytr, xte, yte, measure_fns, workdir):
   flip = rng.random(len(labels)) < hp['noise']
   labels[flip] = rng.integers(0, int(ytr.max()) + 1, int(flip.sum()))
   model = models.MLP(int(ytr.max()) + 1, (hp['width'],) * hp['depth'])
-  apply_fn = lambda p, x: model.apply({'params': p}, x, mode='none')[0]  # noqa: E731
+  apply_fn = lambda p, x: model.apply({'params': p}, x)  # noqa: E731
   config = train_lib.TrainConfig(
     steps=_MAX_STEPS.value, batch_size=hp['batch'], optimizer='sgd', learning_rate=hp['lr'],
     schedule='constant', weight_decay=hp['wd'], seed=seed, log_every=_CHECK.value,
@@ -249,7 +249,7 @@ def _bound(xtr, ytr, xte, yte):
   n_prior = int(len(ytr) * _PRIOR_FRAC.value)
   prior_idx, bound_idx = perm[:n_prior], perm[n_prior:]
   model = models.MLP(int(ytr.max()) + 1, tuple(int(h) for h in _B_HIDDEN.value))
-  apply_fn = lambda p, x: model.apply({'params': p}, x, mode='none')[0]  # noqa: E731
+  apply_fn = lambda p, x: model.apply({'params': p}, x)  # noqa: E731
   config = train_lib.TrainConfig(
     steps=_PRIOR_STEPS.value, batch_size=128, optimizer='sgd', learning_rate=0.05,
     schedule='constant', seed=_SEED.value, log_every=max(_PRIOR_STEPS.value // 4, 1),

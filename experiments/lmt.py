@@ -5,9 +5,9 @@ r"""Lipschitz-margin training, certification and attack, from flags.
 
 Trains the LMT model (and, with --baseline, the same model with plain cross-entropy) in
 WORKDIR/lmt and WORKDIR/baseline (resuming from their checkpoints), certifies both with sound
-per-layer bounds, attacks them with PGD, and writes WORKDIR/results.json and
-WORKDIR/certified_accuracy.png. WORKDIR/run.json records the run: a later invocation resumes
-only the same flags and data (see experiments/common.py).
+bounds from the jaxpr analysis of the model (`lmt.certificate`), attacks them with PGD, and
+writes WORKDIR/results.json and WORKDIR/certified_accuracy.png. WORKDIR/run.json records the
+run: a later invocation resumes only the same flags and data (see experiments/common.py).
 """
 
 import dataclasses
@@ -22,13 +22,14 @@ from tsuzuku_jax import data, lmt, models, plotting, train_lib
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Output directory (checkpoints, results).')
 _DATASET = flags.DEFINE_string('dataset', 'digits', 'digits | mnist | cifar10 | npz:PATH.')
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'tensorflow_datasets data_dir.')
-_MODEL = flags.DEFINE_enum('model', 'mlp', ['mlp', 'cnn', 'wrn'], 'Architecture.')
+_MODEL = flags.DEFINE_enum('model', 'mlp', ['mlp', 'cnn', 'wrn', 'liresnet'], 'Architecture.')
 _HIDDEN = flags.DEFINE_list('hidden', ['256', '256'], 'MLP hidden widths.')
 _CHANNELS = flags.DEFINE_list('channels', ['32', '64'], 'CNN channels per stage.')
 _DENSE = flags.DEFINE_integer('dense', 128, 'CNN dense width.')
 _BATCH_NORM = flags.DEFINE_bool('batch_norm', True, 'CNN: conv + batch norm.')
-_DEPTH = flags.DEFINE_integer('depth', 16, 'WRN depth.')
-_WIDTH = flags.DEFINE_integer('width', 4, 'WRN width.')
+_DEPTH = flags.DEFINE_integer('depth', 16, 'WRN depth; LiResNet: number of residual blocks.')
+_WIDTH = flags.DEFINE_integer('width', 4, 'WRN width factor; LiResNet: channels.')
+_ACTIVATION = flags.DEFINE_enum('activation', 'minmax', ['minmax', 'relu'], 'LiResNet activation.')
 _DROPOUT = flags.DEFINE_float('dropout', 0.0, 'WRN dropout.')
 _NORMALIZE = flags.DEFINE_bool('normalize', False, 'Per-channel standardisation inside the model.')
 _STEPS = flags.DEFINE_integer('steps', 2000, 'Training steps.')
@@ -85,6 +86,11 @@ def _model(num_classes, images):
   if _MODEL.value == 'cnn':
     ch = tuple(int(c) for c in _CHANNELS.value)
     return models.CNN(num_classes, ch, _DENSE.value, _BATCH_NORM.value, **norm)
+  if _MODEL.value == 'liresnet':
+    return models.LiResNet(
+      num_classes, _WIDTH.value, _DEPTH.value, dense=_DENSE.value, activation=_ACTIVATION.value,
+      **norm,
+    )  # fmt: skip
   return models.WideResNet(num_classes, _DEPTH.value, _WIDTH.value, _DROPOUT.value, **norm)
 
 
@@ -134,11 +140,13 @@ def main(argv):
       raise train_lib.TrainingDiverged(f'{name} run diverged: {e}') from None
     state = jax.device_get(state)
     variables = train_lib.variables_of(state)
+    apply_fn = train_lib.apply_fn(model)
     with jax.default_matmul_precision('highest'):
-      bounds = lmt.certificate_bounds(model.apply, variables, xtr.shape[1:])
+      cert = lmt.certificate(apply_fn, variables, xtr.shape[1:])
       report = lmt.robustness_report(
-        train_lib.logits_fn(model, state),
-        bounds,
+        apply_fn,
+        variables,
+        cert,
         xte,
         yte,
         eps,
@@ -146,10 +154,8 @@ def main(argv):
         attack_examples=_ATTACK_N.value,
         **pgd,
       )
-    report['layers'] = lmt.layer_report(model.apply, variables, xtr.shape[1:])
-    for v in report['layers'].values():
-      v['certificate_over_converged'] = v['certificate'] / max(v['converged'], 1e-30)
-      v['estimate_over_converged'] = v['estimate'] / max(v['converged'], 1e-30)
+    report['lipschitz'] = cert.lipschitz
+    report['segments'] = lmt.segment_report(cert)
     report['train_seconds'] = train_lib.logged_seconds(path)  # over all invocations
     report['params_fingerprint'] = train_lib.params_fingerprint(state)
     radius, correct = report.pop('_radius'), report.pop('_correct')

@@ -133,7 +133,7 @@ def main(argv):
   if common.open_workdir('vgc', identity, extra={'workers_resolved': workers}):
     return
   model = _model(data.num_classes(train[1]))
-  apply_fn = lambda p, x: model.apply({'params': p}, x, mode='none')[0]
+  apply_fn = lambda p, x: model.apply({'params': p}, x)
 
   def loss_fn(p, b):
     logits = apply_fn(p, b['image'])
@@ -157,7 +157,7 @@ def main(argv):
           )
         print(f'{method} seed {seed}: done before ({path})', flush=True)
       else:
-        params = model.init(jax.random.key(seed), train[0][:1], mode='none')['params']
+        params = model.init(jax.random.key(seed), train[0][:1])['params']
         try:
           _, hist = dp.train(loss_fn, apply_fn, params, config, train, test)
         except FloatingPointError as e:

@@ -89,10 +89,10 @@ def test_sparse_exchange_equals_mean_of_decoded_messages(key):
 def _digits_problem():
   x, y = data.load('digits', 'train')
   model = models.MLP(num_classes=10, hidden=(32,))
-  params = model.init(jax.random.key(0), x[:1], mode='none')['params']
+  params = model.init(jax.random.key(0), x[:1])['params']
 
   def loss_fn(p, b):
-    logits = model.apply({'params': p}, b['image'], mode='none')[0]
+    logits = model.apply({'params': p}, b['image'])
     loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, b['label']))
     return loss, jnp.mean(jnp.argmax(logits, -1) == b['label'])
 

@@ -187,7 +187,7 @@ def _model(name):
   )
 
   def logits_fn(images):
-    return model.apply(variables, images, mode='none')[0]
+    return model.apply(variables, images)
 
   bounds = jax.jit(lambda v: lmt.certificate_bounds(model.apply, v, (8, 8, 1)))(variables)
   return model, variables, logits_fn, bounds

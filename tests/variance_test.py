@@ -13,11 +13,11 @@ from tsuzuku_jax import models, variance
 def _setup(model, shape, key, dtype=jnp.float64):
   x = jax.random.uniform(key, shape, dtype)
   y = jnp.arange(shape[0]) % 5
-  params = model.init(jax.random.key(0), x[:1], mode='none')['params']
+  params = model.init(jax.random.key(0), x[:1])['params']
   params = jax.tree.map(lambda a: a.astype(dtype), params)
 
   def loss_fn(p, b):
-    logits = model.apply({'params': p}, b['image'], mode='none')[0]
+    logits = model.apply({'params': p}, b['image'])
     loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, b['label']))
     return loss, jnp.mean(jnp.argmax(logits, -1) == b['label'])
 

@@ -1,9 +1,9 @@
 """tsuzuku_jax: Lipschitz-margin training, variance-based gradient compression, Fourier-basis
-sensitivity, and (in progress) normalized flat minima.
+sensitivity, and normalized flat minima.
 
-Modules: `data`, `models`, `lipschitz`, `lmt`, `attacks`, `train_lib`, `plotting` (LMT);
-`compression`, `variance`, `collectives`, `data_parallel` (VGC); `fourier`; `flatness`, `pac_bayes`,
-`rank_correlation` (in progress).
+Modules: `data`, `models`, `analysis`, `lipschitz`, `lmt`, `attacks`, `train_lib`, `plotting`
+(LMT); `compression`, `variance`, `collectives`, `data_parallel` (VGC); `fourier`; `flatness`,
+`pac_bayes`, `rank_correlation`.
 """
 
 from tsuzuku_jax import (
@@ -33,20 +33,24 @@ from tsuzuku_jax.lipschitz import (
   power_iteration_step,
 )
 from tsuzuku_jax.lmt import (
-  certificate_bounds,
+  Certificate,
+  Estimate,
+  certificate,
   certified_accuracy,
   certified_radius,
+  certify,
   certify_dataset,
   lmt_loss,
   margin_logits,
 )
-from tsuzuku_jax.models import LipBounds
 
 __all__ = [
-  'LipBounds',
+  'Certificate',
+  'Estimate',
   'analysis',
   'attacks',
-  'certificate_bounds',
+  'certificate',
+  'certify',
   'certified_accuracy',
   'certified_radius',
   'certify_dataset',

@@ -19,7 +19,7 @@ dense head) is one operator, bounded as one:
   the branches of a merge (triangle inequality).
 
 A nonlinearity with Lipschitz constant f (relu, leaky relu, abs, tanh, logistic, elu, softplus,
-silu, max/min with a constant, max pooling with its overlap factor, the elementwise max or min
+silu, max/min with a constant, a sort (GroupSort / MinMax), max pooling with its overlap factor, the elementwise max or min
 of two input-dependent values) closes the operator before it: the anchor it creates has the
 bound f * sum over the operator's anchors of ||A|| * L(anchor). The logits' map is handled
 last: the bound on x -> z_i - z_j is sum over anchors of L(anchor) * ||(e_i - e_j)^T A||, the
@@ -30,15 +30,14 @@ Guarantee: the resulting bounds are >= the Lipschitz constants (L2 to L2) of the
 function the jaxpr computes with the given float32 parameters, when every example is processed
 independently (the function is traced for one example). Anything else on the input's path (a
 product of two input-dependent values, as in layer norm or batch norm in training mode; a
-division by one; softmax; sort; integer casts; an unknown primitive) stops the analysis with an
+division by one; softmax; a sort by keys; integer casts; an unknown primitive) stops the analysis with an
 `UnsupportedOperation` naming the primitive and the user's source line.
 """
 
 import dataclasses
-import functools
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.extend as jex
@@ -285,7 +284,9 @@ def _chain_fn(eqn, ins) -> Callable[[jax.Array], jax.Array]:
       if dep:
         ops.append(t if fn_or_const is None else fn_or_const(t))
       else:
-        ops.append(_float_like(np.asarray(fn_or_const).reshape(()), t))
+        ops.append(
+          _float_like(jnp.reshape(fn_or_const, ()) if np.ndim(fn_or_const) else fn_or_const, t)
+        )
     if sub is not None:  # a named elementwise activation: its body on these operands
       return jex.core.jaxpr_as_fun(jex.core.ClosedJaxpr(sub[0], sub[1]))(*ops)[0]
     return eqn.primitive.bind(*ops, **_params_like(eqn.params, t))
@@ -315,10 +316,11 @@ def recognise(f: Callable[[jax.Array], jax.Array], why: str) -> float:
   known activations: it must agree with one to 1e-5 relative on 20,001 points of [-40, 40]
   (evaluated in float32, as the model computes it).
   `why`: the first operation of the chain that had no bound of its own (for the error)."""
-  t = jnp.linspace(-40.0, 40.0, 20001, dtype=jnp.float32)
-  got = np.asarray(f(t), np.float64)
-  for _, (g, lip) in _KNOWN.items():
-    want = np.asarray(g(t), np.float64)
+  with jax.ensure_compile_time_eval():  # concrete also inside a traced training step
+    t = jnp.linspace(-40.0, 40.0, 20001, dtype=jnp.float32)
+    got = np.asarray(f(t), np.float64)
+    wants = [(np.asarray(g(t), np.float64), lip) for g, lip in _KNOWN.values()]
+  for want, lip in wants:
     if np.all(np.abs(got - want) <= 1e-5 * (1 + np.abs(want))):
       return lip
   e = UnsupportedOperation(
@@ -330,8 +332,16 @@ def recognise(f: Callable[[jax.Array], jax.Array], why: str) -> float:
 
 
 class _Interpreter:
-  def __init__(self, exact_max_entries: int):
+  """Certificate mode (`iterates` None): sound float bounds. Estimate mode (`iterates` a dict of
+  power-iteration vectors keyed by segment, or a PRNG key to draw them): one power-iteration
+  step per segment, as jax values differentiable in the parameters (LMT's training estimate).
+  Both modes walk the same jaxpr the same way, so segment i is the same operator in each."""
+
+  def __init__(self, exact_max_entries: int, iterates: Any = None):
     self.exact_max_entries = exact_max_entries
+    self.iterates = iterates
+    self.estimating = iterates is not None
+    self.next_iterates: dict[str, jax.Array] = {}
     # Lipschitz bound of each anchor w.r.t. the input, computed when first needed (so chains
     # that turn out to be part of a larger elementwise function cost nothing).
     self.anchor_fns: list[Callable[[], float]] = []
@@ -340,14 +350,33 @@ class _Interpreter:
 
   # -- bookkeeping ---------------------------------------------------------------------------
 
-  def bound(self, lin: Linear) -> tuple[float, bool]:
+  def bound(self, lin: Linear) -> tuple[Any, bool]:
+    if self.estimating:
+      return self.estimate(lin), False
     if math.prod(lin.in_shape) * math.prod(lin.out_shape) <= self.exact_max_entries:
       return exact_norm(lin) * (1 + _RTOL), True
     return lin.bound() * (1 + _RTOL), False
 
-  def lipschitz(self, a: int) -> float:
+  def estimate(self, lin: Linear) -> jax.Array:
+    """One power-iteration step on the segment from its persistent iterate."""
+    key = _segment_key(len(self.segments))
+    if isinstance(self.iterates, dict):
+      if key not in self.iterates or self.iterates[key].shape != lin.in_shape:
+        raise ValueError(
+          f'the iterates do not fit this model: segment {key} takes shape {lin.in_shape}, '
+          f'the iterates have {getattr(self.iterates.get(key), "shape", "none")} (build them '
+          'with init_iterates for this model)'
+        )
+      u = self.iterates[key]
+    else:  # a PRNG key: draw the first iterate
+      u = jax.random.normal(jax.random.fold_in(self.iterates, len(self.segments)), lin.in_shape)
+    sigma, self.next_iterates[key] = lipschitz.power_iteration_step(lin.apply, u)
+    return sigma
+
+  def lipschitz(self, a: int) -> Any:
     if a not in self.anchor_cache:
-      self.anchor_cache[a] = float(self.anchor_fns[a]())
+      v = self.anchor_fns[a]()
+      self.anchor_cache[a] = v if self.estimating else float(v)
     return self.anchor_cache[a]
 
   def close(self, dep: _Dep, where: str) -> float:
@@ -369,7 +398,10 @@ class _Interpreter:
 
     def bound_fn():
       ls = [self.close(d, where) for d in deps]
-      return factor * math.sqrt(sum(v * v for v in ls)) * (1 + 1e-12)
+      if len(ls) == 1:
+        return factor * ls[0] * (1 + 1e-12)
+      sqrt = jnp.sqrt if self.estimating else math.sqrt
+      return factor * sqrt(sum(v * v for v in ls)) * (1 + 1e-12)
 
     return self.anchor(shape, bound_fn)
 
@@ -398,9 +430,9 @@ class _Interpreter:
     for eqn in jaxpr.eqns:
       ins = [read(v) for v in eqn.invars]
       if not any(isinstance(x, _Dep) for x in ins):
-        outs = eqn.primitive.bind(*ins, **eqn.params)
-        outs = outs if eqn.primitive.multiple_results else [outs]
-        outs = [np.asarray(o) if hasattr(o, 'dtype') else o for o in outs]
+        outs = _bind(eqn, ins)
+        if not self.estimating:  # concrete values, for the bounds' float64 arithmetic
+          outs = [np.asarray(o) if hasattr(o, 'dtype') else o for o in outs]
       else:
         where = _where(eqn, outer)
         try:
@@ -464,6 +496,11 @@ class _Interpreter:
       return [self.nonlinear(deps, _ELEMENTWISE[name], shape, where)]
     if name in ('max', 'min'):
       return [self.nonlinear(deps, 1.0, shape, where)]  # |max(a,b) - max(a',b')| <= max |.|
+    if name == 'sort':
+      if len(ins) != 1:
+        raise _unsupported(eqn, 'a sort that carries other values along (not Lipschitz in them)')
+      # Sorting is 1-Lipschitz in L2 (rearrangement inequality); rows are sorted separately.
+      return [self.nonlinear(deps, 1.0, shape, where)]
     if name in ('reduce_max', 'reduce_min', 'argmax'):
       if name == 'argmax':
         raise _unsupported(eqn, 'an index is not a Lipschitz function of the input')
@@ -480,15 +517,14 @@ class _Interpreter:
 
   def linear(self, eqn, ins, shape, step_for) -> _Dep:
     dep_pos = [i for i, x in enumerate(ins) if isinstance(x, _Dep)]
-    if len(dep_pos) > 1 and eqn.primitive.name not in _ADDITIVE:
-      raise _unsupported(
-        eqn,
-        'a product of two input-dependent values (as in layer norm, or batch norm in training '
-        'mode: use inference-mode batch norm, or normalise by constants)',
-      )
+    _refuse(eqn, ins, dep_pos)
     out = _Dep(shape, {})
     for i in dep_pos:
-      step = step_for(eqn, ins, i, shape)
+      if self.estimating:  # only the map is needed (its bound is estimated as a whole)
+        zero = eqn.primitive.name in _ADDITIVE
+        step = Step(shape, _applier(eqn, ins, i, zero), lambda: math.nan)
+      else:
+        step = step_for(eqn, ins, i, shape)
       for a, lin in ins[i].terms.items():
         new = _compose(step, lin)
         out.terms[a] = _sum(out.terms[a], new) if a in out.terms else new
@@ -496,6 +532,20 @@ class _Interpreter:
 
 
 # ----------------------------------------------------------------------------- linear steps
+
+
+def _bind(eqn, ins) -> list:
+  """The equation applied to values (as `jax.core.eval_jaxpr` does)."""
+  params = eqn.primitive.get_bind_params(eqn.params)
+  subfuns = ()
+  if isinstance(params, tuple):  # older jax: (subfuns, params)
+    subfuns, params = params
+  out = eqn.primitive.bind(*subfuns, *ins, **params)
+  return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def _segment_key(i: int) -> str:
+  return f'segment{i:03d}'
 
 
 def _float_like(c, x):
@@ -544,11 +594,26 @@ def _generic(bound_fn):
   return make
 
 
+def _refuse(eqn, ins, dep_pos) -> None:
+  """Linear primitives that are not linear in these operands."""
+  name = eqn.primitive.name
+  if len(dep_pos) > 1 and name not in _ADDITIVE:
+    raise _unsupported(
+      eqn,
+      'a product of two input-dependent values (as in layer norm, or batch norm in training '
+      'mode: use inference-mode batch norm, or normalise by constants)',
+    )
+  if name == 'select_n' and 0 in dep_pos:
+    raise _unsupported(eqn, 'a selection by an input-dependent condition')
+  if name == 'div' and 1 in dep_pos:
+    raise _unsupported(eqn, 'a division by an input-dependent value')
+  if name == 'conv_general_dilated' and 1 in dep_pos:
+    raise _unsupported(eqn, 'the kernel of a convolution depends on the input')
+
+
 def _additive(eqn, ins, i, shape):
   """add/sub/concatenate/select_n/pad: linear in each input-dependent operand once constants
   (offsets, padding values) are zeroed; a broadcast of the operand counts sqrt(copies)."""
-  if eqn.primitive.name == 'select_n' and i == 0:
-    raise _unsupported(eqn, 'a selection by an input-dependent condition')
   n_in = math.prod(ins[i].shape)
   add = eqn.primitive.name in ('add', 'sub', 'add_any')
   copies = math.prod(shape) / max(n_in, 1) if add else 1.0
@@ -561,8 +626,6 @@ def _additive(eqn, ins, i, shape):
 
 
 def _mul(eqn, ins, i, shape):
-  if eqn.primitive.name == 'div' and i == 1:
-    raise _unsupported(eqn, 'a division by an input-dependent value')
   c = np.asarray(ins[1 - i], np.float64)
   if eqn.primitive.name == 'div':
     c = 1.0 / c
@@ -600,8 +663,6 @@ def _dot(eqn, ins, i, shape):
 
 
 def _conv(eqn, ins, i, shape):
-  if i != 0:
-    raise _unsupported(eqn, 'the kernel of a convolution depends on the input')
   p = eqn.params
   lhs, rhs, _ = p['dimension_numbers']
   k = np.asarray(ins[1], np.float64)
@@ -695,7 +756,6 @@ _HINTS = {
   'square': 'a square is not Lipschitz on the reals' + _NORM,
   'rsqrt': 'a data-dependent normalisation (use inference-mode batch norm)',
   'sqrt': 'sqrt is not Lipschitz at 0',
-  'sort': 'sorting',
   'gather': 'a gather (indexing)',
 }
 
@@ -728,21 +788,12 @@ def certificate(
     UnsupportedOperation: an operation on the input's path has no known Lipschitz bound (the
       message names the primitive and the source line).
   """
-  x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
-  closed = jax.make_jaxpr(lambda x: apply_fn(variables, x))(x)
   interp = _Interpreter(exact_max_entries)
-  (out,) = interp.run(closed.jaxpr, [np.asarray(c) for c in closed.consts],
-                      [interp.anchor((1, *input_shape), lambda: 1.0)])  # fmt: skip
-  if isinstance(out, _Dep):
-    out = interp.resolve(out, 'logits')
-  if not isinstance(out, _Dep):
-    k = int(np.shape(out)[-1])
+  out = _logits(interp, apply_fn, variables, input_shape)
+  if out is None:
+    k = int(_out_classes(apply_fn, variables, input_shape))
     return Certificate(np.zeros((k, k), np.float32), 0.0, (), tuple(input_shape))
   k = out.shape[-1]
-  if math.prod(out.shape) != k:
-    raise ValueError(
-      f'apply_fn must return logits of shape (1, K) for one example, got {out.shape}'
-    )
   pair = np.zeros((k, k))
   total = 0.0
   for a, lin in out.terms.items():
@@ -757,29 +808,99 @@ def certificate(
                      tuple(interp.segments), tuple(input_shape))  # fmt: skip
 
 
+def _logits(interp: _Interpreter, apply_fn, variables, input_shape) -> '_Dep | None':
+  """Interprets `apply_fn(variables, x)` for one example x; the logits' input-dependent value
+  (None if they do not depend on the input). The variables enter the jaxpr as arguments, so in
+  estimate mode the bounds are differentiable in them."""
+  leaves, treedef = jax.tree.flatten(variables)
+  x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
+  fn = lambda leaves, x: apply_fn(jax.tree.unflatten(treedef, leaves), x)  # noqa: E731
+  closed = jax.make_jaxpr(fn)(leaves, x)
+  if interp.estimating:
+    consts, args = list(closed.consts), list(leaves)
+  else:
+    consts, args = [np.asarray(c) for c in closed.consts], [np.asarray(a) for a in leaves]
+  (out,) = interp.run(closed.jaxpr, consts, [*args, interp.anchor((1, *input_shape), lambda: 1.0)])
+  if not isinstance(out, _Dep):
+    return None
+  out = interp.resolve(out, 'logits')
+  if math.prod(out.shape) != out.shape[-1]:
+    raise ValueError(
+      f'apply_fn must return logits of shape (1, K) for one example, got {out.shape}'
+    )
+  return out
+
+
+def _out_classes(apply_fn, variables, input_shape) -> int:
+  x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
+  return jax.eval_shape(apply_fn, variables, x).shape[-1]
+
+
+class Estimate(NamedTuple):
+  """LMT's training estimate of the bounds in `Certificate` (one power-iteration step per
+  segment: a lower bound on each segment's norm, differentiable in the parameters). Not a
+  certificate: `certify` refuses it."""
+
+  pairwise: jax.Array  # (K, K): estimate of the Lipschitz constant of z_i - z_j
+  lipschitz: jax.Array  # (): estimate of the whole logit map's
+
+
+def _estimate(apply_fn, variables, input_shape, iterates) -> tuple[Estimate, dict]:
+  interp = _Interpreter(EXACT_MAX_ENTRIES, iterates)
+  out = _logits(interp, apply_fn, variables, input_shape)
+  if out is None:
+    k = _out_classes(apply_fn, variables, input_shape)
+    return Estimate(jnp.zeros((k, k)), jnp.zeros(())), {}
+  k = out.shape[-1]
+  pair, total = jnp.zeros((k, k)), jnp.zeros(())
+  for a, lin in out.terms.items():
+    # The last segment's rows (K of them, through its transpose): ||r_i - r_j|| and ||R||_2.
+    _, vjp = jax.vjp(lin.apply, jnp.zeros(lin.in_shape, jnp.float32))
+    rows = jax.vmap(vjp)(jnp.eye(k).reshape(k, *lin.out_shape))[0].reshape(k, -1)
+    pair = pair + interp.lipschitz(a) * lipschitz.pairwise_row_norms(rows.T)
+    gram = rows @ rows.T
+    total = total + interp.lipschitz(a) * jnp.sqrt(jnp.maximum(jnp.linalg.eigvalsh(gram)[-1], 0))
+  return Estimate(pair, total), interp.next_iterates
+
+
+def init_iterates(
+  apply_fn: Callable, variables: Any, input_shape: Sequence[int], key: jax.Array
+) -> dict[str, jax.Array]:
+  """The persistent power-iteration vectors of `estimate`, one per linear segment (keyed
+  'segment000', ...; each shaped like the segment's input), drawn from `key`.
+
+  Raises:
+    UnsupportedOperation: as `certificate` would (checked here, before any training).
+  """
+  return _estimate(apply_fn, variables, tuple(input_shape), key)[1]
+
+
+def estimate(
+  apply_fn: Callable, variables: Any, iterates: dict[str, jax.Array], input_shape: Sequence[int]
+) -> tuple[Estimate, dict[str, jax.Array]]:
+  """LMT's training estimate of the logit bounds, on the same segments as `certificate`.
+
+  One power-iteration step per linear segment, through `jax.vjp` of the segment itself, from
+  the persistent iterates (`init_iterates`); the anchors' bounds and the pairwise head bounds
+  are composed exactly as in `certificate`, with the last segment's rows taken exactly. Runs
+  inside a jitted training step (the jaxpr is read at trace time).
+
+  Returns:
+    (Estimate, the next iterates): the estimate is differentiable in `variables`; the
+    iterates are gradient-stopped.
+  """
+  return _estimate(apply_fn, variables, tuple(input_shape), iterates)
+
+
+def converged(segment: Segment, key: jax.Array, steps: int = 500) -> float:
+  """A converged power-iteration estimate of a segment's norm (a lower bound on it)."""
+  u = jax.random.normal(key, segment.in_shape, jnp.float32)
+  sigma, _ = jax.jit(lipschitz.power_iteration, static_argnums=(0, 2))(
+    segment.linear.apply, u, steps
+  )
+  return float(sigma)
+
+
 def _round_up(x: np.ndarray) -> np.ndarray:
   y = np.asarray(x, np.float32)
   return np.where(y < x, np.nextafter(y, np.float32(np.inf)), y)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _radius(apply_fn, variables, images, pairwise):
-  from tsuzuku_jax import lmt
-
-  return lmt.certified_radius(apply_fn(variables, images), pairwise)
-
-
-def certify(
-  apply_fn: Callable, variables: Any, images: jax.typing.ArrayLike, cert: Certificate
-) -> tuple[jax.Array, jax.Array]:
-  """Predictions and certified L2 radii (pixel units) of `images` under a `Certificate`.
-
-  Guarantee: no perturbation of L2 norm below `radius[b]` changes the prediction `pred[b]`
-  (ties give radius 0), under the certificate's assumptions; one forward pass per batch.
-
-  Returns:
-    (pred (B,) int32, radius (B,) float32).
-  """
-  if not isinstance(cert, Certificate):
-    raise TypeError(f'cert must be a Certificate from analysis.certificate, got {type(cert)}')
-  return _radius(apply_fn, variables, jnp.asarray(images), jnp.asarray(cert.pairwise))

@@ -1,5 +1,12 @@
 """Lipschitz-margin training (Tsuzuku, Sato & Sugiyama, NeurIPS 2018) and certification.
 
+Any model `apply_fn(variables, images) -> logits` (a plain Flax model's `apply` in evaluation
+mode, or any JAX function that treats examples independently) is certified and trained from
+the same analysis of its jaxpr (`tsuzuku_jax.analysis`): `certificate` gives sound bounds (a
+`Certificate`, reused across batches), `estimate` LMT's differentiable training estimate on the
+same linear segments (an `Estimate`, which certifies nothing and is refused where a certificate
+is required).
+
 If every logit difference z_y - z_i is L_yi-Lipschitz in the input (L2), no perturbation of
 norm below (z_y - z_i) / L_yi can make class i overtake y. LMT trains with logits in which
 every wrong class i is raised by c * L_yi, so the network learns margins that certify a radius
@@ -16,31 +23,68 @@ clipping) and 'gloro' (Leino et al., 2021: one extra logit max_{i != y} z_i + c 
 
 import functools
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from tsuzuku_jax import attacks, checks
-from tsuzuku_jax.models import LipBounds
+from tsuzuku_jax import analysis, attacks, checks
+from tsuzuku_jax.analysis import Certificate, Estimate, UnsupportedOperation, estimate
+
+__all__ = ['Certificate', 'Estimate', 'UnsupportedOperation', 'certificate', 'estimate']
 
 FORMS = ('global', 'pairwise')
 VARIANTS = ('lmt', 'gloro')
+CONVERGED_ITERS = 500  # power-iteration steps of the 'converged' column of `segment_report`
 
 
-def pairwise_bounds(bounds: LipBounds, form: str) -> jax.Array:
+def certificate(apply_fn: Callable, variables: Any, input_shape: Sequence[int]) -> Certificate:
+  """Sound Lipschitz bounds of `apply_fn(variables, x) -> logits` (`analysis.certificate`):
+  a typed `Certificate` with the (K, K) pairwise logit-difference bounds and the per-segment
+  table, built once and reused for every batch."""
+  return analysis.certificate(apply_fn, variables, input_shape)
+
+
+def init_iterates(
+  apply_fn: Callable, variables: Any, input_shape: Sequence[int], key: jax.Array
+) -> dict:
+  """LMT's persistent power-iteration vectors, one per linear segment of the model (a pytree
+  to keep in the training state); refuses a model the analysis cannot bound, before training."""
+  return analysis.init_iterates(apply_fn, variables, input_shape, key)
+
+
+def pairwise_bounds(bounds: Certificate | Estimate, form: str) -> jax.Array:
   """(K, K) matrix whose (i, j) entry bounds the Lipschitz constant of z_i - z_j.
 
-  Guarantee: sound when `bounds` comes from the 'certificate' mode; an estimate otherwise.
-  The diagonal is meaningless (it is never used).
+  'global' is sqrt(2) * L, L the bound of the whole logit map; 'pairwise' the analysis'
+  pairwise bounds (the last segment's row differences, LMT's Proposition 2).
+  Guarantee: sound (rounded up) for a `Certificate`; an estimate for an `Estimate`. The
+  diagonal is meaningless (it is never used).
   """
-  k = bounds.head_pairwise.shape[-1]
-  if form == 'global':
-    return jnp.sqrt(2.0) * bounds.below * bounds.head_norm * jnp.ones((k, k), jnp.float32)
+  if form not in FORMS:
+    raise ValueError(f'form must be one of {FORMS}, got {form!r}')
+  if isinstance(bounds, Certificate):
+    if form == 'pairwise':
+      return jnp.asarray(bounds.pairwise)
+    k = bounds.pairwise.shape[-1]
+    glob = analysis._round_up(np.float64(bounds.lipschitz) * np.sqrt(2.0) * (1 + 1e-15))
+    return jnp.full((k, k), glob, jnp.float32)
+  if not isinstance(bounds, Estimate):
+    raise TypeError(f'bounds must be a Certificate or an Estimate, got {type(bounds).__name__}')
   if form == 'pairwise':
-    return bounds.below * bounds.head_pairwise
-  raise ValueError(f'form must be one of {FORMS}, got {form!r}')
+    return bounds.pairwise
+  k = bounds.pairwise.shape[-1]
+  return jnp.sqrt(2.0) * bounds.lipschitz * jnp.ones((k, k), jnp.float32)
+
+
+def _require_certificate(cert) -> None:
+  if not isinstance(cert, Certificate):
+    raise TypeError(
+      f'a Certificate (from lmt.certificate) is required, got {type(cert).__name__}: an '
+      'estimate would give unsound radii'
+    )
 
 
 def margin_logits(
@@ -81,14 +125,15 @@ def gloro_logits(logits: jax.Array, labels: jax.Array, pair_lip: jax.Array, c) -
 def lmt_loss(
   logits: jax.Array,
   labels: jax.Array,
-  bounds: LipBounds,
+  bounds: Estimate,
   c,
   *,
   form: str = 'pairwise',
   variant: str = 'lmt',
   clip: bool = False,
 ) -> jax.Array:
-  """Mean Lipschitz-margin cross-entropy; differentiable through the bounds."""
+  """Mean Lipschitz-margin cross-entropy; differentiable through the bounds (an `Estimate`
+  in training; a `Certificate` also works, as a constant)."""
   pair_lip = pairwise_bounds(bounds, form)
   if variant == 'lmt':
     z = margin_logits(logits, labels, pair_lip, c, clip=clip)
@@ -97,6 +142,36 @@ def lmt_loss(
   else:
     raise ValueError(f'variant must be one of {VARIANTS}, got {variant!r}')
   return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(z, labels))
+
+
+def make_loss(
+  apply_fn: Callable,
+  input_shape: Sequence[int],
+  *,
+  form: str = 'pairwise',
+  variant: str = 'lmt',
+  clip: bool = False,
+) -> Callable:
+  """The LMT training loss of a model, from the analysis of `apply_fn` (evaluation mode).
+
+  Returns:
+    `loss(variables, iterates, logits, labels, c) -> (loss, (next iterates, Estimate))`:
+    `logits` are the training forward pass's (e.g. with batch statistics), `iterates` from
+    `init_iterates`; the bounds are estimated on `apply_fn(variables, .)` and the loss is
+    differentiable in `variables` through both.
+  """
+  if form not in FORMS:
+    raise ValueError(f'form must be one of {FORMS}, got {form!r}')
+  if variant not in VARIANTS:
+    raise ValueError(f'variant must be one of {VARIANTS}, got {variant!r}')
+  shape = tuple(input_shape)
+
+  def loss(variables, iterates, logits, labels, c):
+    bounds, iterates = estimate(apply_fn, variables, iterates, shape)
+    value = lmt_loss(logits, labels, bounds, c, form=form, variant=variant, clip=clip)
+    return value, (iterates, bounds)
+
+  return loss
 
 
 def c_schedule(c: float, warmup_steps: int, start: float = 1e-5) -> optax.Schedule:
@@ -142,39 +217,54 @@ def certified_accuracy(
   return jnp.mean(ok.astype(jnp.float32), 0)
 
 
-def certificate_bounds(
-  apply_fn: Callable, variables, input_shape: Sequence[int], *, mode: str = 'certificate'
-) -> LipBounds:
-  """Runs a model of `tsuzuku_jax.models` once in a bound mode; returns its LipBounds.
+def certify(
+  apply_fn: Callable,
+  variables: Any,
+  images: jax.typing.ArrayLike,
+  cert: Certificate | None = None,
+  *,
+  form: str = 'pairwise',
+) -> tuple[jax.Array, jax.Array]:
+  """Predictions and certified L2 radii (pixel units) of `images` (NHWC in [0, 1]).
 
-  The bounds do not depend on the input, so one call (on zeros of one example) serves a whole
-  test set. `apply_fn(variables, x, train=False, mode=...)` -> (logits, LipBounds).
+  Guarantee: no perturbation of L2 norm below `radius[b]` changes `pred[b]` (ties give 0),
+  under the analysis' assumptions. Builds the certificate when `cert` is None (pass one from
+  `certificate` to certify many batches: then each costs one forward pass).
   """
-  x = jnp.zeros((1, *input_shape), jnp.float32)
-  _, bounds = jax.jit(functools.partial(apply_fn, train=False, mode=mode))(variables, x)
-  return bounds
+  images = jnp.asarray(images)
+  if cert is None:
+    cert = certificate(apply_fn, variables, images.shape[1:])
+  _require_certificate(cert)
+  return _radius(apply_fn, variables, images, pairwise_bounds(cert, form))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _radius(apply_fn, variables, images, pair_lip):
+  return certified_radius(apply_fn(variables, images), pair_lip)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _radii(apply_fn, variables, images, pair_lips):
+  logits = apply_fn(variables, images)
+  return [certified_radius(logits, p) for p in pair_lips]
 
 
 def certify_dataset(
-  logits_fn: Callable[[jax.Array], jax.Array],
-  bounds: LipBounds,
+  apply_fn: Callable,
+  variables: Any,
+  cert: Certificate,
   images: np.ndarray,
   labels: np.ndarray,
   eps: Sequence[float],
   *,
   batch_size: int = 500,
 ) -> dict:
-  """Certified radii and certified accuracy at each eps, for both forms.
-
-  Args:
-    logits_fn: images (B, H, W, C) -> logits (B, K); evaluate it at full float32 precision
-      (e.g. under `jax.default_matmul_precision('highest')` on GPUs) for the radii to hold.
-    bounds: certificate-mode `LipBounds` (see `certificate_bounds`).
-    images, labels: the test set.
-    eps: radii at which to report certified accuracy.
-    batch_size: evaluation batch.
+  """Certified radii and certified accuracy at each eps, for both forms (one forward pass per
+  batch; evaluate at full float32 precision, e.g. under
+  `jax.default_matmul_precision('highest')` on GPUs, for the radii to hold).
 
   Raises:
+    TypeError: `cert` is not a `Certificate`.
     InvalidInput: non-finite images, or labels outside [0, K) or of another length.
 
   Returns:
@@ -182,19 +272,17 @@ def certify_dataset(
     'certified_accuracy_<form>' (E,), 'median_radius_<form>' (median over the test set of the
     radius, counted 0 for misclassified points, as in LMT).
   """
+  _require_certificate(cert)
   checks.check_images(images, pixel_range=None, ndim=None)
-  k = bounds.head_pairwise.shape[-1]
+  k = cert.pairwise.shape[-1]
   checks.check_labels(labels, k, n=np.shape(images)[0])
-  logits_fn = jax.jit(logits_fn)
   preds, radii = [], {f: [] for f in FORMS}
-  lips = {f: pairwise_bounds(bounds, f) for f in FORMS}
-  radius_fn = jax.jit(certified_radius)
+  lips = [pairwise_bounds(cert, f) for f in FORMS]
   for i in range(0, len(images), batch_size):
-    logits = logits_fn(jnp.asarray(images[i : i + batch_size]))
-    for f in FORMS:
-      pred, r = radius_fn(logits, lips[f])
+    out = _radii(apply_fn, variables, jnp.asarray(images[i : i + batch_size]), lips)
+    for f, (_, r) in zip(FORMS, out, strict=True):
       radii[f].append(np.asarray(r))
-    preds.append(np.asarray(pred))
+    preds.append(np.asarray(out[0][0]))
   pred = np.concatenate(preds)
   correct = pred == np.asarray(labels)
   out = {'pred': pred, 'correct': correct, 'eps': np.asarray(eps, np.float32)}
@@ -206,30 +294,32 @@ def certify_dataset(
   return out
 
 
-def layer_report(apply_fn: Callable, variables, input_shape: Sequence[int]) -> dict:
-  """Per-layer bounds in the 'estimate', 'converged' and 'certificate' modes.
-
-  Returns:
-    {layer path: {'estimate': one power-iteration step from the stored iterate,
-                  'converged': CONVERGED_ITERS steps (a tight lower bound),
-                  'certificate': the sound upper bound}}, from the `lip_report` collection.
-  """
-  x = jnp.zeros((1, *input_shape), jnp.float32)
-  out = {}
-  for mode in ('estimate', 'converged', 'certificate'):
-    fn = functools.partial(apply_fn, train=False, mode=mode, mutable=['lip_report'])
-    _, sown = jax.jit(fn)(variables, x)
-    flat = jax.tree_util.tree_flatten_with_path(sown['lip_report'])[0]
-    for path, value in flat:
-      keys = [str(getattr(p, 'key', getattr(p, 'idx', p))) for p in path]
-      name = '/'.join(k for k in keys if k != 'sigma' and not k.isdigit())
-      out.setdefault(name, {})[mode] = float(value)
-  return out
+def segment_report(cert: Certificate, *, key: jax.Array | None = None) -> list[dict]:
+  """Per linear segment of a `Certificate`: where it ends (the source line of the
+  nonlinearity that closes it), its shapes, the certificate, a converged power-iteration
+  estimate (CONVERGED_ITERS steps: a lower bound on the segment's norm) and their ratio (the
+  certificate's slack; 1 + 1e-6 for exactly bounded segments)."""
+  _require_certificate(cert)
+  key = jax.random.key(0) if key is None else key
+  rows = []
+  for i, seg in enumerate(cert.segments):
+    conv = analysis.converged(seg, jax.random.fold_in(key, i), CONVERGED_ITERS)
+    rows.append({
+      'where': seg.where,
+      'in_shape': list(seg.in_shape),
+      'out_shape': list(seg.out_shape),
+      'certificate': seg.bound,
+      'converged': conv,
+      'certificate_over_converged': seg.bound / max(conv, 1e-30),
+      'exact': seg.exact,
+    })  # fmt: skip
+  return rows
 
 
 def robustness_report(
-  logits_fn: Callable[[jax.Array], jax.Array],
-  bounds: LipBounds,
+  apply_fn: Callable,
+  variables: Any,
+  cert: Certificate,
   images: np.ndarray,
   labels: np.ndarray,
   eps: Sequence[float],
@@ -253,10 +343,10 @@ def robustness_report(
   """
   box = attacks.pixel_box(pgd_kwargs.get('clip_min', 0.0), pgd_kwargs.get('clip_max', 1.0))
   checks.check_images(images, ndim=None, pixel_range=box)
-  cert = certify_dataset(logits_fn, bounds, images, labels, eps, batch_size=batch_size)
+  result = certify_dataset(apply_fn, variables, cert, images, labels, eps, batch_size=batch_size)
   n = min(attack_examples, len(images))
   x, y = images[:n], labels[:n]
-  fn = jax.jit(logits_fn)
+  fn = jax.jit(lambda z: apply_fn(variables, z))
   keys = jax.random.split(key, len(eps) + len(FORMS))
   pgd = {
     f'{e:g}': float(
@@ -266,8 +356,8 @@ def robustness_report(
   }
   violations, checked = {}, {}
   for f, k in zip(FORMS, keys[len(eps) :], strict=True):
-    radius = np.where(np.isfinite(cert[f'radius_{f}'][:n]), cert[f'radius_{f}'][:n], 1e6)
-    certified = cert['correct'][:n] & (radius > 0)
+    radius = np.where(np.isfinite(result[f'radius_{f}'][:n]), result[f'radius_{f}'][:n], 1e6)
+    certified = result['correct'][:n] & (radius > 0)
     count = 0
     for i in range(0, n, batch_size):
       sl = slice(i, i + batch_size)
@@ -278,16 +368,16 @@ def robustness_report(
       )
     violations[f], checked[f] = count, int(certified.sum())
   return {
-    'clean_accuracy': float(cert['correct'].mean()),
+    'clean_accuracy': float(result['correct'].mean()),
     'certified_accuracy': {
-      f: {f'{e:g}': float(a) for e, a in zip(eps, cert[f'certified_accuracy_{f}'], strict=True)}
+      f: {f'{e:g}': float(a) for e, a in zip(eps, result[f'certified_accuracy_{f}'], strict=True)}
       for f in FORMS
     },
-    'median_radius': {f: cert[f'median_radius_{f}'] for f in FORMS},
+    'median_radius': {f: result[f'median_radius_{f}'] for f in FORMS},
     'pgd_robust_accuracy': pgd,
     'violations': violations,
     'certified_checked': checked,
     'attack_examples': n,
-    '_radius': {f: cert[f'radius_{f}'] for f in FORMS},
-    '_correct': cert['correct'],
+    '_radius': {f: result[f'radius_{f}'] for f in FORMS},
+    '_correct': result['correct'],
   }

@@ -1,7 +1,9 @@
 """Training loop: TrainState, jitted train/eval steps, orbax checkpoint/resume, metrics.jsonl.
 
-`train(model, config, images, labels, workdir)` trains a model of `tsuzuku_jax.models` with
-plain cross-entropy (`config.c == 0`) or Lipschitz-margin training (`config.c > 0`). A run
+`train(model, config, images, labels, workdir)` trains a plain Flax model (`__call__(x)` or
+`__call__(x, *, train)`, returning logits; batch norm statistics in the `batch_stats`
+collection) with plain cross-entropy (`config.c == 0`) or Lipschitz-margin training
+(`config.c > 0`, on the jaxpr analysis of the model in evaluation mode, `lmt.make_loss`). A run
 restarted on the same workdir resumes from the last checkpoint and ends with the same
 parameters as an uninterrupted run: the data order depends only on (seed, epoch) and the
 dropout key only on (seed, step).
@@ -9,6 +11,7 @@ dropout key only on (seed, step).
 
 import dataclasses
 import functools
+import inspect
 import json
 import os
 import time
@@ -30,7 +33,7 @@ class TrainState(NamedTuple):
   step: jax.Array  # shape=(), int32: number of optimiser steps taken.
   params: Any
   batch_stats: Any  # running batch-norm statistics ({} for models without BN).
-  lipschitz: Any  # persistent power-iteration vectors, one per linear layer.
+  lipschitz: Any  # LMT's power-iteration vectors, one per linear segment ({} without LMT).
   opt_state: Any
 
 
@@ -97,50 +100,78 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
   )
 
 
+def _takes_train(model) -> bool:
+  return 'train' in inspect.signature(type(model).__call__).parameters
+
+
+def apply_fn(model) -> Callable:
+  """`(variables, images) -> logits` of a Flax model in evaluation mode (`train=False` when its
+  `__call__` takes `train`): the function that is certified and attacked."""
+  if _takes_train(model):
+    return functools.partial(_eval_apply, model)
+  return model.apply
+
+
+def _eval_apply(model, variables, x):
+  return model.apply(variables, x, train=False)
+
+
 def create_state(model, config: TrainConfig, input_shape) -> tuple[TrainState, Any]:
-  """Initialises parameters, BN statistics, power-iteration vectors and optimiser state."""
+  """Initialises parameters, BN statistics, LMT's power-iteration vectors (when config.c > 0)
+  and the optimiser state."""
   x = jnp.zeros((1, *input_shape), jnp.float32)
+  init = functools.partial(model.init, train=False) if _takes_train(model) else model.init
   # Jitted: an eager init compiles every small op separately (seconds for a tiny MLP).
-  variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(config.seed), x)
+  key = jax.random.key(config.seed)
+  variables = jax.jit(init)(key, x)
   tx = make_optimizer(config)
   params = variables['params']
   state = TrainState(
     step=jnp.zeros((), jnp.int32),
     params=params,
     batch_stats=variables.get('batch_stats', {}),
-    lipschitz=variables.get('lipschitz', {}),
+    lipschitz={},
     opt_state=tx.init(params),
   )
+  if config.c > 0:
+    iterates = lmt.init_iterates(
+      apply_fn(model), variables_of(state), input_shape, jax.random.fold_in(key, 1)
+    )
+    state = state._replace(lipschitz=iterates)
   return state, tx
 
 
 def variables_of(state: TrainState) -> dict:
   """The Flax variables dict for `model.apply`."""
-  return {'params': state.params, 'batch_stats': state.batch_stats, 'lipschitz': state.lipschitz}
+  if state.batch_stats:
+    return {'params': state.params, 'batch_stats': state.batch_stats}
+  return {'params': state.params}
 
 
-def make_train_step(model, tx, config: TrainConfig) -> Callable:
-  """Jitted `train_step(state, batch) -> (state, metrics)`; LMT when config.c > 0."""
+def make_train_step(model, tx, config: TrainConfig, input_shape) -> Callable:
+  """Jitted `train_step(state, batch) -> (state, metrics)`; LMT when config.c > 0 (the bounds
+  estimated on the model in evaluation mode with this step's batch-norm statistics)."""
   use_lmt = config.c > 0
   c_sched = lmt.c_schedule(config.c, config.c_warmup_steps)
   base_key = jax.random.key(config.seed)
+  lmt_loss = lmt.make_loss(
+    apply_fn(model), input_shape, form=config.form, variant=config.variant, clip=config.clip
+  )
+  takes_train = _takes_train(model)
 
   def loss_fn(params, state, batch, rng):
     variables = {**variables_of(state), 'params': params}
-    (logits, bounds), updates = model.apply(
-      variables,
-      batch['image'],
-      train=True,
-      mode='estimate' if use_lmt else 'none',
-      rngs={'dropout': rng},
-      mutable=['batch_stats', 'lipschitz'],
+    kwargs = dict(train=True) if takes_train else {}
+    logits, updates = model.apply(
+      variables, batch['image'], rngs={'dropout': rng}, mutable=['batch_stats'], **kwargs
     )
+    updates = {'batch_stats': updates.get('batch_stats', state.batch_stats)}
     labels = batch['label']
     if use_lmt:
       c = c_sched(state.step)
-      loss = lmt.lmt_loss(
-        logits, labels, bounds, c, form=config.form, variant=config.variant, clip=config.clip
-      )
+      now = {**variables, **({'batch_stats': updates['batch_stats']} if state.batch_stats else {})}
+      loss, (iterates, bounds) = lmt_loss(now, state.lipschitz, logits, labels, c)
+      updates['lipschitz'] = iterates
       lip = jnp.max(lmt.pairwise_bounds(bounds, config.form))
     else:
       c = jnp.zeros(())
@@ -168,9 +199,9 @@ def make_train_step(model, tx, config: TrainConfig) -> Callable:
 
 
 def logits_fn(model, state: TrainState) -> Callable[[jax.Array], jax.Array]:
-  """images -> logits at evaluation (running BN statistics, no bound work)."""
-  variables = variables_of(state)
-  return lambda x: model.apply(variables, x, train=False, mode='none')[0]
+  """images -> logits at evaluation (running BN statistics)."""
+  variables, fn = variables_of(state), apply_fn(model)
+  return lambda x: fn(variables, x)
 
 
 def _manager(workdir: str, config: TrainConfig):
@@ -298,7 +329,7 @@ def train(
       return state
   if mesh is not None:
     state = jax.device_put(state, NamedSharding(mesh, P()))
-  train_step = make_train_step(model, tx, config)
+  train_step = make_train_step(model, tx, config, images.shape[1:])
   mngr = _manager(workdir, config)
   per_epoch = data.steps_per_epoch(len(images), config.batch_size)
   step, t0, t_last, window, last = start, time.time(), time.time(), [], False

@@ -15,8 +15,8 @@ with the accumulated gradient.
   x_z delta_z^T, so sum_z (x_z delta_z)^2 = (x*x)^T (delta*delta): one extra matmul of the weight
   gradient's shape. delta (the cotangent of each layer's output) is captured by adding a zero
   perturbation to the output inside `flax.linen.intercept_methods`, and x by the same
-  interceptor, so it works on any loss that calls Flax `nn.Dense` / `LipDense` / `LipHead`
-  (2-D inputs) and `LipConv` (without batch norm) without changing the model. A conv kernel's
+  interceptor, so it works on any loss that calls Flax `nn.Dense` (2-D inputs) and `nn.Conv`
+  (2-D, ungrouped, undilated) without changing the model. A conv kernel's
   per-example gradient sums over output positions, so there the squares cannot be taken before
   the sum: it is formed per example from im2col patches (one batched matmul with the weight
   gradient's FLOPs, B times its memory) and squared. Any other parameter raises, naming it.
@@ -32,10 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tsuzuku_jax import models
-
 LossFn = Callable[[Any, dict], tuple[jax.Array, Any]]
-_DENSE = (nn.Dense, models.LipDense, models.LipHead)
 
 
 def _batch_size(batch: dict) -> int:
@@ -103,11 +100,41 @@ def _key(path: tuple[str, ...]) -> str:
 
 
 def _tappable(module: nn.Module) -> str | None:
-  if isinstance(module, _DENSE):
+  if isinstance(module, nn.Dense):
     return 'dense'
-  if isinstance(module, models.LipConv) and not module.batch_norm:
+  if isinstance(module, nn.Conv):
     return 'conv'
   return None
+
+
+def _pair(v, n: int = 2) -> tuple[int, ...]:
+  return (v,) * n if isinstance(v, int) else tuple(v)
+
+
+def _conv_geometry(module: nn.Conv, x: jax.Array, key: str):
+  """(strides, explicit pads) of a plain 2-D conv, or a ValueError naming what is not."""
+  from tsuzuku_jax import lipschitz
+
+  ks = _pair(module.kernel_size)
+  plain = (
+    x.ndim == 4
+    and len(ks) == 2
+    and module.feature_group_count == 1
+    and _pair(module.input_dilation or 1) == (1, 1)
+    and _pair(module.kernel_dilation or 1) == (1, 1)
+    and module.padding not in ('CIRCULAR', 'CAUSAL', 'REFLECT')
+  )
+  if not plain:
+    raise ValueError(
+      f'variance.cheap: conv {key!r} is not a plain 2-D convolution (grouped, dilated, '
+      f'circular or not NHWC: input {x.shape}); use variance.microbatch'
+    )
+  strides = _pair(module.strides or 1)
+  pad = module.padding
+  if isinstance(pad, str):
+    return strides, lipschitz.conv_pads(x.shape[1:3], ks, strides, pad)
+  pad = [(p, p) if isinstance(p, int) else tuple(p) for p in _pair(pad)]
+  return strides, pad
 
 
 def _run_tapped(loss_fn, params, batch, perts):
@@ -125,6 +152,8 @@ def _run_tapped(loss_fn, params, batch, perts):
         '(shared weights, or a loss that applies the model twice: compute the logits once)'
       )
     x = args[0]
+    if kind == 'conv':
+      _conv_geometry(ctx.module, x, key)
     if kind == 'dense' and x.ndim != 2:
       raise ValueError(
         f'variance.cheap: dense layer {key!r} has a {x.ndim}-D input {x.shape}; the cheap '
@@ -150,18 +179,16 @@ def _subtree(params, key: str):
 
 
 def _conv_sum_sq(module, kernel, x, delta):
-  """sum_z (per-example kernel gradient)^2 of a LipConv from its input and output cotangent.
+  """sum_z (per-example kernel gradient)^2 of an nn.Conv from its input and output cotangent.
 
   The per-example gradient is sum_p patch_{z,p} delta_{z,p}^T over output positions p: one
   batched matmul of the im2col patches with the cotangent (the weight gradient's FLOPs, with a
   (B, kh kw Cin, Cout) output instead of its sum over B).
   """
-  from tsuzuku_jax import lipschitz
-
   kh, kw, cin, cout = kernel.shape
-  pads = lipschitz.conv_pads(x.shape[1:3], module.kernel_size, module.strides, module.padding)
+  strides, pads = _conv_geometry(module, x, '')
   patches = jax.lax.conv_general_dilated_patches(
-    x, (kh, kw), module.strides, pads, dimension_numbers=('NHWC', 'HWIO', 'NHWC')
+    x, (kh, kw), strides, pads, dimension_numbers=('NHWC', 'HWIO', 'NHWC')
   )  # (B, H', W', cin * kh * kw), features ordered (cin, kh, kw)
   b = x.shape[0]
   per = jnp.einsum(
@@ -198,8 +225,8 @@ def cheap(loss_fn: LossFn, params, batch: dict):
   ]
   if missing:
     raise ValueError(
-      f'variance.cheap covers nn.Dense, LipDense, LipHead and LipConv without batch norm; '
-      f'parameters {missing} are outside them: use variance.microbatch'
+      f'variance.cheap covers nn.Dense and nn.Conv; parameters {missing} are outside '
+      'them: use variance.microbatch'
     )
 
   def f(p, q):
