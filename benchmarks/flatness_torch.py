@@ -1,9 +1,9 @@
 """PyTorch peer for the flatness benchmark: the same models, with the same weights, as plain
 PyTorch functions, and PyTorch's Hessian-vector products of the same loss.
 
-`forward(name, tensors, x)` mirrors `tsuzuku_jax.models` in evaluation mode with no bound work
-(`mode='none'`): the MLP, the CNN without batch norm and the pre-activation WideResNet, with
-the flax parameter paths as dictionary keys, 'SAME' padding as the explicit (lo, hi) pads that
+`forward(name, tensors, x)` mirrors `tsuzuku_jax.models` in evaluation mode: the MLP, the CNN
+without batch norm and the pre-activation WideResNet, with the flax parameter paths as
+dictionary keys, 'SAME' padding as the explicit (lo, hi) pads that
 `lax.conv_general_dilated` uses (asymmetric for stride 2), and NHWC flattening. The benchmark
 checks the loss and the HVP against ours before it times anything, so a port that drifts from
 the flax models fails loudly instead of timing a different network.
@@ -78,11 +78,11 @@ def forward(name: str, t: dict, x: torch.Tensor, config: dict) -> torch.Tensor:
   for g, c in enumerate((16 * config['width'], 32 * config['width'], 64 * config['width'])):
     for i in range(n):
       blk, s = f'group{g}_block{i}', (2, 2) if g > 0 and i == 0 else (1, 1)
-      o = F.relu(_bn(t, f'{blk}/bn1/bn', h))
+      o = F.relu(_bn(t, f'{blk}/bn1', h))
       sc = _conv(t, f'{blk}/shortcut', o, s, bias=False) if h.shape[1] != c or s != (1, 1) else h
-      b = F.relu(_bn(t, f'{blk}/conv1/bn', _conv(t, f'{blk}/conv1', o, s, bias=False)))
+      b = F.relu(_bn(t, f'{blk}/bn2', _conv(t, f'{blk}/conv1', o, s, bias=False)))
       h = _conv(t, f'{blk}/conv2', b, bias=False) + sc
-  h = F.relu(_bn(t, 'bn/bn', h)).mean(dim=(2, 3))
+  h = F.relu(_bn(t, 'bn', h)).mean(dim=(2, 3))
   return _dense(t, 'head', h)
 
 

@@ -6,17 +6,19 @@ One call, per model (MLP on 8x8x1, the small CNN on 28x28x1, WRN-16-4 on 32x32x3
 random data, so no dataset and no tensorflow_datasets are needed):
 
 1. Correctness (first; the benchmark refuses to report if it fails): after a few LMT training
-   steps, the sound certificate bound (`lmt.certificate_bounds`) must be >= the 'converged'
-   power-iteration bound (a lower bound on the true norm), for the whole network and for every
-   layer (`lmt.layer_report`), up to a relative 1e-5. A layer whose certificate is more than
-   5 % above its converged value gets a WARNING line (a loose, but still sound, bound).
-2. Train step: `train_lib.make_train_step` with c = 0 (plain cross-entropy, bound mode 'none')
-   versus c > 0 (LMT, pairwise form, one power-iteration step per layer) and, where cheap, the
+   steps, the sound certificate (`lmt.certificate`, the jaxpr analysis) must be >= the converged
+   power-iteration estimate (a lower bound on the true norm) for every linear segment
+   (`lmt.segment_report`) and for the network's pairwise bounds (`lmt.estimate` iterated to
+   convergence), up to a relative 1e-5. A segment whose certificate is more than 5 % above its
+   converged value gets a WARNING line (a loose, but still sound, bound).
+2. Train step: `train_lib.make_train_step` with c = 0 (plain cross-entropy, no bound work)
+   versus c > 0 (LMT, pairwise form, one power-iteration step per segment) and, where cheap, the
    GloRo loss; same model, batch and optimiser. Compilation is excluded; the variants are
    interleaved (rotating order) over the repeats so that load drift hits all of them alike; the
    number reported is the median over repeats of the mean time of K steps, each repeat ending in
    `jax.block_until_ready`.
-3. Certification: the one-off time of `lmt.certificate_bounds` (host float64 SVDs), and the
+3. Certification: the one-off time of `lmt.certificate` (tracing, interpretation and host
+   float64 bounds: the analysis time), and the
    per-example throughput of certification (eval logits + `lmt.certified_radius`, at 'highest'
    matmul precision, as a certificate needs) versus plain inference (eval logits + argmax) on the
    same batch.
@@ -63,7 +65,7 @@ from tsuzuku_jax import lmt, models, train_lib  # noqa: E402
 
 # A certificate may sit below the converged (lower-bound) estimate by float32 rounding only.
 FAIL_RTOL = 1e-5
-# Per layer, certificate / converged above this is reported as a loose bound (not a failure).
+# Per segment, certificate / converged above this is reported as a loose bound (not a failure).
 WARN_RATIO = 1.05
 TEST_SET = 10_000  # images, for the "certify a whole test set" estimate
 
@@ -172,69 +174,52 @@ def blas_limit(threads: int):
   return threadpool_limits(limits=threads, user_api='blas'), threads
 
 
-def check_bounds(
-  model, variables, shape, cert: models.LipBounds | None = None
-) -> tuple[dict, bool]:
-  """Certificate >= converged (and >= the 1-step estimate), per network and per layer.
+def check_bounds(apply_fn, variables, shape, cert: lmt.Certificate, iterates) -> tuple[dict, bool]:
+  """Certificate >= converged power iteration, per segment and for the network's pairwise
+  bounds; also the 1-step training estimate (from the state's iterates) over the converged one.
 
   Returns (record, ok); ok is False when a sound upper bound sits below a lower bound by more
   than the float32 rounding allowance FAIL_RTOL.
-
-  `cert`: the model's certificate-mode bounds when already computed.
   """
-  with jax.default_matmul_precision('highest'):
-    if cert is None:
-      cert = lmt.certificate_bounds(model.apply, variables, shape)
-    conv = lmt.certificate_bounds(model.apply, variables, shape, mode='converged')
-    layers = lmt.layer_report(model.apply, variables, shape)
   failures = []
+  with jax.default_matmul_precision('highest'):
+    segments = lmt.segment_report(cert)
+    step = lambda v, it: lmt.estimate(apply_fn, v, it, shape)  # noqa: E731
 
-  def ratio(a, b):
-    return float(a / b) if b > 0 else (1.0 if a == 0 else float('inf'))
+    @jax.jit
+    def converge(v, it):
+      it = jax.lax.fori_loop(0, lmt.CONVERGED_ITERS, lambda _, it: step(v, it)[1], it)
+      return step(v, it)[0]
 
-  network = {}
-  for form in lmt.FORMS:
-    pc = np.asarray(lmt.pairwise_bounds(cert, form), np.float64)
-    pv = np.asarray(lmt.pairwise_bounds(conv, form), np.float64)
-    off = ~np.eye(pc.shape[0], dtype=bool)
-    if np.any(pc[off] < pv[off] * (1 - FAIL_RTOL)):
-      failures.append(f'network pairwise bound ({form}) below its converged value')
-    network[form] = {
-      'max_certificate_over_converged': float(np.max(pc[off] / np.maximum(pv[off], 1e-30))),
-      'min_certificate_over_converged': float(np.min(pc[off] / np.maximum(pv[off], 1e-30))),
-    }
-  below = ratio(float(cert.below), float(conv.below))
-  if float(cert.below) < float(conv.below) * (1 - FAIL_RTOL):
-    failures.append('network bound L_below (input -> head) below its converged value')
-  per_layer = {}
-  for name, v in layers.items():
-    r = ratio(v['certificate'], v['converged'])
-    per_layer[name] = {**v, 'certificate_over_converged': r}
-    lower = max(v['converged'], v['estimate'])  # both are Rayleigh quotients: <= the true norm
-    if v['certificate'] < lower * (1 - FAIL_RTOL):
-      failures.append(f'layer {name}: certificate {v["certificate"]} < power iteration {lower}')
-  ratios = [v['certificate_over_converged'] for v in per_layer.values()]
-  worst = max(per_layer, key=lambda n: per_layer[n]['certificate_over_converged'])
-  ok = not failures
+    first = jax.jit(step)(variables, iterates)[0]
+    est = converge(variables, iterates)
+  for i, row in enumerate(segments):
+    if row['certificate'] < row['converged'] * (1 - FAIL_RTOL):
+      failures.append(f'segment {i} ({row["where"]}): certificate < power iteration')
+  pc = np.asarray(cert.pairwise, np.float64)
+  pv = np.asarray(est.pairwise, np.float64)
+  off = ~np.eye(pc.shape[0], dtype=bool)
+  if np.any(pc[off] < pv[off] * (1 - FAIL_RTOL)):
+    failures.append('network pairwise bound below its converged estimate')
+  ratios = [r['certificate_over_converged'] for r in segments]
+  worst = int(np.argmax(ratios))
   record = {
-    'ok': ok,
+    'ok': not failures,
     'failures': failures,
-    'below_certificate': float(cert.below),
-    'below_converged': float(conv.below),
-    'below_certificate_over_converged': below,
-    'network': network,
-    'max_layer_ratio': max(ratios),
-    'min_layer_ratio': min(ratios),
-    'loosest_layer': worst,
-    'layers_over_warn': [
-      n for n, v in per_layer.items() if v['certificate_over_converged'] > WARN_RATIO
-    ],
-    'min_estimate_over_converged': min(
-      ratio(v['estimate'], v['converged']) for v in per_layer.values()
+    'lipschitz_certificate': cert.lipschitz,
+    'lipschitz_converged': float(est.lipschitz),
+    'network_pairwise_max_certificate_over_converged': float(
+      np.max(pc[off] / np.maximum(pv[off], 1e-30))
     ),
-    'layers': per_layer,
+    'estimate_over_converged': float(first.lipschitz) / max(float(est.lipschitz), 1e-30),
+    'max_segment_ratio': max(ratios),
+    'min_segment_ratio': min(ratios),
+    'loosest_segment': f'{worst}: {segments[worst]["where"].split("/")[-1]}',
+    'segments_over_warn': [i for i, r in enumerate(ratios) if r > WARN_RATIO],
+    'exact_segments': sum(r['exact'] for r in segments),
+    'segments': segments,
   }
-  return record, ok
+  return record, not failures
 
 
 def _precision(fn: Callable, precision: str | None) -> Callable:
@@ -261,8 +246,10 @@ def run_model(spec: Spec, args: argparse.Namespace, on_cpu: bool) -> tuple[dict,
     'lmt': dataclasses.replace(plain, c=args.c, form='pairwise', variant='lmt'),
     'gloro': dataclasses.replace(plain, c=args.c, form='pairwise', variant='gloro'),
   }
-  state0, tx = train_lib.create_state(model, plain, shape)
-  steps = {v: train_lib.make_train_step(model, tx, configs[v]) for v in spec.variants}
+  apply_fn = train_lib.apply_fn(model)
+  inits = {v: train_lib.create_state(model, configs[v], shape) for v in spec.variants}
+  state0, tx = inits['plain']
+  steps = {v: train_lib.make_train_step(model, tx, configs[v], shape) for v in spec.variants}
   record = {
     'input_shape': list(shape),
     'batch_size': b,
@@ -275,7 +262,7 @@ def run_model(spec: Spec, args: argparse.Namespace, on_cpu: bool) -> tuple[dict,
   states, compile_s = {}, {}
   for v in spec.variants:
     log(f'compiling the {v} train step (batch {b})')
-    (states[v], _), compile_s[v] = timed(steps[v], state0, batch)
+    (states[v], _), compile_s[v] = timed(steps[v], inits[v][0], batch)
 
   # Correctness, on the LMT state after a few steps (moved weights, iterates, BN statistics).
   state = states['lmt']
@@ -284,13 +271,13 @@ def run_model(spec: Spec, args: argparse.Namespace, on_cpu: bool) -> tuple[dict,
   if not np.isfinite(float(metrics['loss'])):
     return {**record, 'correctness': {'ok': False, 'failures': ['LMT loss not finite']}}, False
   variables = train_lib.variables_of(state)
-  log('certificate bounds (host float64)')
+  log('certificate (jaxpr analysis, host float64 bounds)')
   with jax.default_matmul_precision('highest'):
-    bounds, bounds_first_s = timed(lmt.certificate_bounds, model.apply, variables, shape)
-    _, bounds_again_s = timed(lmt.certificate_bounds, model.apply, variables, shape)
-  log('checking certificate >= converged (network and per layer)')
+    bounds, bounds_first_s = timed(lmt.certificate, apply_fn, variables, shape)
+    _, bounds_again_s = timed(lmt.certificate, apply_fn, variables, shape)
+  log('checking certificate >= converged (network and per segment)')
   t0 = time.perf_counter()
-  record['correctness'], ok = check_bounds(model, variables, shape, bounds)
+  record['correctness'], ok = check_bounds(apply_fn, variables, shape, bounds, state.lipschitz)
   record['correctness']['check_s'] = time.perf_counter() - t0
   if not ok:
     return record, False
@@ -316,13 +303,11 @@ def run_model(spec: Spec, args: argparse.Namespace, on_cpu: bool) -> tuple[dict,
 
   @jax.jit
   def infer(variables, x):
-    logits, _ = model.apply(variables, x, train=False)
-    return jnp.argmax(logits, -1)
+    return jnp.argmax(apply_fn(variables, x), -1)
 
   @jax.jit
   def certify(variables, x, pair_lip):
-    logits, _ = model.apply(variables, x, train=False)
-    return lmt.certified_radius(logits, pair_lip)
+    return lmt.certified_radius(apply_fn(variables, x), pair_lip)
 
   fns = {'plain': _precision(infer, None), 'certify': _precision(certify, 'highest')}
   inputs = {'plain': (variables, batch['image']), 'certify': (variables, batch['image'], pair_lip)}
@@ -362,34 +347,32 @@ def correctness_table(results: dict) -> str:
   rows = []
   for name, r in results.items():
     c = r['correctness']
-    if 'layers' not in c:
+    if 'segments' not in c:
       rows.append([name] + ['-'] * 7 + ['FAIL'])
       continue
     status = 'ok' if c['ok'] else 'FAIL'
-    if c['ok'] and c['layers_over_warn']:
+    if c['ok'] and c['segments_over_warn']:
       status = 'WARNING'
     rows.append(
       [
         name,
-        len(c['layers']),
-        c['max_layer_ratio'],
-        c['loosest_layer'],
-        c['min_layer_ratio'],
-        c['below_certificate_over_converged'],
-        c['network']['pairwise']['max_certificate_over_converged'],
-        c['min_estimate_over_converged'],
+        f'{len(c["segments"])} ({c["exact_segments"]} exact)',
+        c['max_segment_ratio'],
+        c['loosest_segment'],
+        c['min_segment_ratio'],
+        c['network_pairwise_max_certificate_over_converged'],
+        c['estimate_over_converged'],
         status,
       ]
     )
   headers = [
     'model',
-    'layers',
+    'segments',
     'max cert/conv',
-    'at layer',
+    'at segment',
     'min cert/conv',
-    'net below cert/conv',
     'net pairwise cert/conv',
-    'min est/conv',
+    '1-step est/conv',
     'status',
   ]
   return format_table(headers, rows)
@@ -480,23 +463,24 @@ def main(argv=None) -> dict:
         raise SystemExit(1)
   print(f'\nDevice: {describe(info)}')
   print(f'\nCorrectness after {args.check_steps + 1} LMT steps: cert = sound certificate (upper')
-  print(f'bound), conv = {models.CONVERGED_ITERS} power-iteration steps (lower bound), est = the')
+  print(f'bound), conv = {lmt.CONVERGED_ITERS} power-iteration steps (lower bound), est = the')
   print(f'1-step training estimate; fails if cert < conv * (1 - {FAIL_RTOL:g}) anywhere.')
   print(correctness_table(results))
   for name, r in results.items():
     c = r['correctness']
-    if c['layers_over_warn']:
+    if c['segments_over_warn']:
       print(
-        f'WARNING: {name}: certificate/converged > {WARN_RATIO} at {len(c["layers_over_warn"])} '
-        f'layer(s): {", ".join(c["layers_over_warn"])} (max {c["max_layer_ratio"]:.4f})'
+        f'WARNING: {name}: certificate/converged > {WARN_RATIO} at segment(s) '
+        f'{c["segments_over_warn"]} (max {c["max_segment_ratio"]:.4f})'
       )
-  print('\nTrain step: LMT (pairwise, 1 power-iteration step/layer) and GloRo vs plain CE')
+  print('\nTrain step: LMT (pairwise, 1 power-iteration step/segment) and GloRo vs plain CE')
   print('(median over repeats of the mean step time; (paired): median of per-repeat ratios;')
   print('ratios are the numbers to quote, absolute times only with the device line)')
   print(train_table(results))
   print('\nCertification (eval logits + certified_radius, pairwise form, highest precision) vs')
-  print('plain inference (eval logits + argmax), same batch; bounds = lmt.certificate_bounds')
-  print(f'(host float64); {TEST_SET // 1000}k = bounds once + {TEST_SET} images at that rate')
+  print('plain inference (eval logits + argmax), same batch; bounds = lmt.certificate (jaxpr')
+  print(f'analysis, host float64); {TEST_SET // 1000}k = bounds once + {TEST_SET} images at that')
+  print('rate')
   print(certification_table(results))
   out = {
     'benchmark': 'lmt_bench',

@@ -222,7 +222,7 @@ def _library_cases(finished: str) -> list[tuple[str, callable]]:
   model = models.MLP(10, hidden=(8,))
   variables = model.init(jax.random.key(0), x[:1])
   logits_fn = jax.jit(lambda z: model.apply(variables, z))
-  bounds = lmt.certificate_bounds(model.apply, variables, x.shape[1:])
+  cert = lmt.certificate(model.apply, variables, x.shape[1:])
   nan = x.copy()
   nan[3, 4, 5, 0] = np.nan
   over = x.copy()
@@ -236,7 +236,7 @@ def _library_cases(finished: str) -> list[tuple[str, callable]]:
   lmt_model = models.MLP(10, hidden=tuple(rec['model']['hidden']))
   return [
     ('`lmt.certify_dataset` on a test set with one nan pixel',
-     lambda: lmt.certify_dataset(logits_fn, bounds, nan, y, [0.1])),
+     lambda: lmt.certify_dataset(model.apply, variables, cert, nan, y, [0.1])),
     ('`fourier.heat_map` on a test set with one nan pixel',
      lambda: fourier.heat_map(logits_fn, nan, y, 1.0, key=key)),
     ('`fourier.heat_map` on an image with a pixel at 1.5',

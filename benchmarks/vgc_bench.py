@@ -27,7 +27,7 @@ One call (synthetic data throughout; no dataset is needed):
    is in the same units, 0.3 %). The same gradient is fed every call, so r grows and after a
    few calls every message slot is used (the 'overflow' column): the most scatter work.
 3. Variance-estimate cost, per model (MLP, default hidden (1024, 1024) on 28x28x1, and the small
-   CNN without batch norm on 28x28x1; batch 128; cross-entropy, `mode='none'`): jitted
+   CNN without batch norm on 28x28x1; batch 128; cross-entropy): jitted
    forward only (f: the loss), forward + backward (a: `jax.value_and_grad`), `variance.cheap`
    (b: loss, grads and s) and `variance.microbatch` with 4 micro-batches (c), interleaved.
    "Backward pass" here means a - f: the extra time `jax.value_and_grad` takes over evaluating

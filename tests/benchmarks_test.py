@@ -1,5 +1,6 @@
 """Tests for benchmarks/lmt_bench.py: a smoke run end to end, and a check that can fail."""
 
+import dataclasses
 import json
 
 import jax
@@ -24,7 +25,7 @@ def test_smoke_run_writes_json(bench, tmp_path, capsys):
   assert saved['ok'] and saved['device']['platform'] == jax.devices()[0].platform
   record = saved['models']['mlp']
   assert record['correctness']['ok']
-  assert record['correctness']['min_layer_ratio'] >= 1 - bench.FAIL_RTOL
+  assert record['correctness']['min_segment_ratio'] >= 1 - bench.FAIL_RTOL
   for variant in ('lmt', 'gloro'):
     assert record['train_step'][variant]['ratio_to_plain'] > 0
     assert len(record['train_step'][variant]['times_ms']) == record['repeats']
@@ -36,20 +37,27 @@ def test_check_fails_when_certificate_is_below_converged(bench, monkeypatch):
   model = models.MLP(hidden=(16,))
   shape = (4, 4, 1)
   variables = model.init(jax.random.key(0), jnp.zeros((1, *shape)))
-  record, ok = bench.check_bounds(model, variables, shape)
+  cert = lmt.certificate(model.apply, variables, shape)
+  iterates = lmt.init_iterates(model.apply, variables, shape, jax.random.key(1))
+  record, ok = bench.check_bounds(model.apply, variables, shape, cert, iterates)
   assert ok and not record['failures']
 
-  real_report = lmt.layer_report
+  real_report = lmt.segment_report
 
-  def shrunk_report(*args):
-    out = real_report(*args)
-    out['dense0']['certificate'] = 0.9 * out['dense0']['converged']
+  def shrunk_report(*args, **kwargs):
+    out = real_report(*args, **kwargs)
+    out[0]['certificate'] = 0.9 * out[0]['converged']
     return out
 
-  monkeypatch.setattr(lmt, 'layer_report', shrunk_report)
-  record, ok = bench.check_bounds(model, variables, shape)
+  monkeypatch.setattr(lmt, 'segment_report', shrunk_report)
+  record, ok = bench.check_bounds(model.apply, variables, shape, cert, iterates)
   assert not ok
-  assert any('dense0' in f for f in record['failures'])
+  assert any('segment 0' in f for f in record['failures'])
+  # The network's pairwise bounds are checked too.
+  monkeypatch.setattr(lmt, 'segment_report', real_report)
+  small = dataclasses.replace(cert, pairwise=cert.pairwise / 2)
+  record, ok = bench.check_bounds(model.apply, variables, shape, small, iterates)
+  assert not ok and any('pairwise' in f for f in record['failures'])
 
 
 def test_bad_flags_are_rejected(bench):

@@ -19,19 +19,23 @@ dense head) is one operator, bounded as one:
   the branches of a merge (triangle inequality).
 
 A nonlinearity with Lipschitz constant f (relu, leaky relu, abs, tanh, logistic, elu, softplus,
-silu, max/min with a constant, a sort (GroupSort / MinMax), max pooling with its overlap factor, the elementwise max or min
-of two input-dependent values) closes the operator before it: the anchor it creates has the
-bound f * sum over the operator's anchors of ||A|| * L(anchor). The logits' map is handled
-last: the bound on x -> z_i - z_j is sum over anchors of L(anchor) * ||(e_i - e_j)^T A||, the
+silu, max/min with a constant, a sort (GroupSort / MinMax), max pooling with its overlap factor,
+the elementwise max or min of two input-dependent values) closes the operator before it: the
+anchor it creates has the bound f * sum over the operator's anchors of ||A|| * L(anchor). The
+logits' map is handled last: the bound on x -> z_i - z_j is sum over anchors of L(anchor) * ||(e_i - e_j)^T A||, the
 exact float64 norm of a row difference of that last operator (the pairwise head bound of LMT's
 Proposition 2, GloRo and LiResNet, taken through everything after the last nonlinearity).
+
+LMT's training estimate (`estimate`) walks the same jaxpr the same way, with the parameters
+traced, and replaces each segment's bound by one power-iteration step (`jax.vjp` of the segment's
+own map) from a persistent iterate keyed by the segment (`init_iterates`).
 
 Guarantee: the resulting bounds are >= the Lipschitz constants (L2 to L2) of the real-number
 function the jaxpr computes with the given float32 parameters, when every example is processed
 independently (the function is traced for one example). Anything else on the input's path (a
 product of two input-dependent values, as in layer norm or batch norm in training mode; a
-division by one; softmax; a sort by keys; integer casts; an unknown primitive) stops the analysis with an
-`UnsupportedOperation` naming the primitive and the user's source line.
+division by one; softmax; a sort by keys; integer casts; an unknown primitive) stops the
+analysis with an `UnsupportedOperation` naming the primitive and the user's source line.
 """
 
 import dataclasses
