@@ -22,9 +22,10 @@ A nonlinearity with Lipschitz constant f (relu, leaky relu, abs, tanh, logistic,
 silu, max/min with a constant, a sort (GroupSort / MinMax), max pooling with its overlap factor,
 the elementwise max or min of two input-dependent values) closes the operator before it: the
 anchor it creates has the bound f * sum over the operator's anchors of ||A|| * L(anchor). The
-logits' map is handled last: the bound on x -> z_i - z_j is sum over anchors of L(anchor) * ||(e_i - e_j)^T A||, the
-exact float64 norm of a row difference of that last operator (the pairwise head bound of LMT's
-Proposition 2, GloRo and LiResNet, taken through everything after the last nonlinearity).
+logits' map is handled last: the bound on x -> z_i - z_j is sum over anchors of
+L(anchor) * ||(e_i - e_j)^T A||, the exact float64 norm of a row difference of that last
+operator (the pairwise head bound of LMT's Proposition 2, GloRo and LiResNet, taken through
+everything after the last nonlinearity).
 
 LMT's training estimate (`estimate`) walks the same jaxpr the same way, with the parameters
 traced, and replaces each segment's bound by one power-iteration step (`jax.vjp` of the segment's
