@@ -279,3 +279,49 @@ def test_product_bound_folds_batch_norm_into_the_conv():
   )
   assert loose.lipschitz == pytest.approx(fused * dense, rel=1e-5)
   assert fused < 0.9 * unfused
+
+
+class _LinearResidual(nn.Module):
+  """LiResNet blocks relu(x + conv(x)) and relu(x - conv(x)), a dense one x + dense(x), a head."""
+
+  scale: float = 1.0
+
+  @nn.compact
+  def __call__(self, x):
+    init = nn.initializers.variance_scaling(self.scale, 'fan_in', 'normal')
+    x = nn.relu(nn.Conv(6, (3, 3))(x))
+    x = nn.relu(x + nn.Conv(6, (3, 3), kernel_init=init, name='plus')(x))
+    x = nn.relu(x - nn.Conv(6, (3, 3), kernel_init=init, name='minus')(x))
+    x = nn.relu(nn.Dense(32)(x.reshape(x.shape[0], -1)))
+    x = nn.relu(x + nn.Dense(32, kernel_init=init, name='dense')(x))
+    return nn.Dense(K)(x)
+
+
+@pytest.mark.parametrize('scale', [0.1, 2.0])
+def test_linear_residual_block_is_bounded_as_one_kernel(scale):
+  # x + conv(x) as the conv whose kernel has I at its centre tap: ||I + W|| (within 1.01 of
+  # the exact norm), where the triangle inequality gives 1 + ||W||; x - conv(x) as I - W (the
+  # sign kept); the same for a square dense layer.
+  model = _LinearResidual(scale)
+  v = model.init(jax.random.key(1), jnp.zeros((1, *SHAPE)))
+  cert = analysis.certificate(model.apply, v, SHAPE, exact_max_entries=0)
+  p = {k: np.asarray(w['kernel'], np.float64) for k, w in v['params'].items()}
+  conv = lambda w: float(lipschitz.conv_certificate(w, (8, 8), (1, 1), 'SAME'))  # noqa: E731
+  blocks = {s.in_shape: [] for s in cert.segments}
+  for s in cert.segments:
+    if s.in_shape == s.out_shape:
+      blocks[s.in_shape].append(s)
+  (a, b), (dense,) = blocks[(1, 8, 8, 6)], blocks[(1, 32)]
+  want_plus = np.eye(6) + p['plus'][1, 1]  # the centre taps: I + W_plus and I - W_minus
+  plus, minus = (a, b) if np.allclose(a.linear.kernel[1][1, 1], want_plus) else (b, a)
+  np.testing.assert_allclose(plus.linear.kernel[1][1, 1], want_plus, rtol=1e-6)
+  np.testing.assert_allclose(minus.linear.kernel[1][1, 1], np.eye(6) - p['minus'][1, 1], rtol=1e-6)
+  triangle = {
+    'plus': 1 + conv(p['plus']),
+    'minus': 1 + conv(p['minus']),
+    'dense': 1 + np.linalg.norm(p['dense'], 2),
+  }
+  for name, seg in (('plus', plus), ('minus', minus), ('dense', dense)):
+    exact = analysis.exact_norm(seg.linear)
+    assert not seg.exact and exact <= seg.bound <= 1.01 * exact, (name, seg.bound, exact)
+    assert seg.bound < triangle[name] / 1.02, (name, seg.bound, triangle[name])

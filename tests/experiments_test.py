@@ -47,7 +47,7 @@ def finished(tmp_path_factory):
     ('--eps=-1', '--eps must be non-negative'),
     ('--hidden=32,x', '--hidden'),
     ('--steps=abc', "flag --steps=abc: invalid literal for int() with base 10: 'abc'"),
-    ('--model=resnet', 'flag --model=resnet: value should be one of <mlp|cnn|wrn>'),
+    ('--model=resnet', 'flag --model=resnet: value should be one of <mlp|cnn|wrn|liresnet>'),
     ('--stepz=3', "Unknown command line flag 'stepz'"),
   ],
 )

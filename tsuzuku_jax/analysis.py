@@ -78,6 +78,9 @@ class Linear:
   apply: Callable[[jax.Array], jax.Array]
   prefix_bound: Callable[[], float]  # bound of everything before `kernel` (or of all, if None)
   kernel: Any = None  # None or (kind, kernel ndarray, fold info, bound_fn(kernel) -> float)
+  # 'identity': x -> x; 'kernel': exactly the kernel's conv/dense applied to the input (biases
+  # and folded scales aside), so that x + kernel(x) folds into one kernel; '' otherwise.
+  form: str = ''
 
   def bound(self) -> float:
     if self.kernel is None:
@@ -86,7 +89,7 @@ class Linear:
 
 
 def _identity(shape) -> Linear:
-  return Linear(tuple(shape), tuple(shape), lambda x: x, lambda: 1.0)
+  return Linear(tuple(shape), tuple(shape), lambda x: x, lambda: 1.0, form='identity')
 
 
 def _compose(step: 'Step', lin: Linear) -> Linear:
@@ -98,17 +101,51 @@ def _compose(step: 'Step', lin: Linear) -> Linear:
       lin, out_shape=step.out_shape, apply=apply, kernel=(kind, kernel * step.scale, info, fn)
     )
   if step.kernel is not None:
-    return Linear(lin.in_shape, step.out_shape, apply, lin.bound, step.kernel)
+    form = 'kernel' if lin.form == 'identity' else ''
+    return Linear(lin.in_shape, step.out_shape, apply, lin.bound, step.kernel, form)
   if step.transparent:
-    return dataclasses.replace(lin, out_shape=step.out_shape, apply=apply)
+    if not step.negates:
+      return dataclasses.replace(lin, out_shape=step.out_shape, apply=apply)
+    if lin.kernel is None:
+      return dataclasses.replace(lin, out_shape=step.out_shape, apply=apply, form='')
+    kind, kernel, info, fn = lin.kernel  # -(W x) = (-W) x: the kernel keeps its exact form
+    return dataclasses.replace(
+      lin, out_shape=step.out_shape, apply=apply, kernel=(kind, -kernel, info, fn)
+    )
   prev = lin.bound
   return Linear(lin.in_shape, step.out_shape, apply, lambda: step.bound() * prev())
 
 
 def _sum(a: Linear, b: Linear) -> Linear:
+  folded = _fold_identity(a, b) or _fold_identity(b, a)
+  if folded is not None:
+    return folded
   return Linear(
     a.in_shape, a.out_shape, lambda x: a.apply(x) + b.apply(x), lambda: a.bound() + b.bound()
   )
+
+
+def _fold_identity(ident: Linear, lin: Linear) -> Linear | None:
+  """x + W(x) as the one kernel I + W when W is a stride-1 'same' conv (identity added at the
+  centre tap: the LiResNet form) or a square dense layer, applied directly to x; so that the
+  product bound has ||I + W|| where the triangle inequality would give 1 + ||W||."""
+  if ident.form != 'identity' or lin.form != 'kernel' or lin.in_shape != lin.out_shape:
+    return None
+  kind, k, info, fn = lin.kernel
+  k = np.array(k, np.float64)
+  if kind == 'conv':
+    kh, kw, cin, cout = k.shape
+    same = ((kh // 2, kh // 2), (kw // 2, kw // 2))
+    if not (info['nhwc'] and info['strides'] == (1, 1) and info['groups'] == 1 and cin == cout
+            and kh % 2 and kw % 2 and info['pads'] == same):  # fmt: skip
+      return None
+    k[kh // 2, kw // 2] += np.eye(cin)
+  elif kind == 'dense' and info['contract_last'] and k.shape[1] == k.shape[2]:
+    k[0] += np.eye(k.shape[1])
+  else:
+    return None
+  apply = lambda x: ident.apply(x) + lin.apply(x)  # noqa: E731
+  return Linear(ident.in_shape, ident.out_shape, apply, lambda: 1.0, (kind, k, info, fn), 'kernel')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +158,7 @@ class Step:
   scale: Any = None  # a (C,) per-last-axis scale this step multiplies by (for folding)
   kernel: Any = None  # (kind, kernel, info, bound_fn) when this step is a conv or dense layer
   transparent: bool = False  # +-identity up to an offset (a bias): a kernel before it stays
+  negates: bool = False  # the transparent step is -x (c - x, or neg)
 
 
 def _matrix_norm(m: np.ndarray) -> float:
@@ -625,9 +663,9 @@ def _additive(eqn, ins, i, shape):
   # x + bias or bias - x: the linear part is +-x, so a conv or dense kernel before it can still
   # take a following batch-norm scale.
   transparent = add and copies == 1
-  return Step(
-    shape, _applier(eqn, ins, i, True), lambda: math.sqrt(copies), transparent=transparent
-  )
+  negates = eqn.primitive.name == 'sub' and i == 1
+  return Step(shape, _applier(eqn, ins, i, True), lambda: math.sqrt(copies),
+              transparent=transparent, negates=negates)  # fmt: skip
 
 
 def _mul(eqn, ins, i, shape):
@@ -643,7 +681,7 @@ def _mul(eqn, ins, i, shape):
 
 
 def _neg(eqn, ins, i, shape):
-  return Step(shape, _applier(eqn, ins, i, False), lambda: 1.0, transparent=True)
+  return Step(shape, _applier(eqn, ins, i, False), lambda: 1.0, transparent=True, negates=True)
 
 
 def _dot(eqn, ins, i, shape):
@@ -663,7 +701,8 @@ def _dot(eqn, ins, i, shape):
 
   # A per-channel scale on the output's last axis folds into the kernel's columns when the
   # kernel's free dimension is that axis (a dense layer x @ W).
-  kernel = ('dense', w, None, bound_fn) if i == 0 and nb == 1 and len(free) == 1 else None
+  info = {'contract_last': tuple(lc) == (len(ins[0].shape) - 1,) and not lb}
+  kernel = ('dense', w, info, bound_fn) if i == 0 and nb == 1 and len(free) == 1 else None
   return Step(shape, _applier(eqn, ins, i, False), lambda: bound_fn(w), kernel=kernel)
 
 
@@ -684,8 +723,9 @@ def _conv(eqn, ins, i, shape):
     kd = np.zeros(((k.shape[0] - 1) * dil[0] + 1, (k.shape[1] - 1) * dil[1] + 1, *k.shape[2:]))
     kd[:: dil[0], :: dil[1]] = k
     k = kd
+  nhwc = tuple(lhs) == (0, 3, 1, 2) and tuple(p['dimension_numbers'][2]) == (0, 3, 1, 2)
   info = dict(in_hw=in_hw, strides=tuple(p['window_strides']), pads=tuple(map(tuple, p['padding'])),
-              groups=p['feature_group_count'])  # fmt: skip
+              groups=p['feature_group_count'], nhwc=nhwc)  # fmt: skip
 
   def bound_fn(kernel):
     g = info['groups']
