@@ -104,8 +104,9 @@ def test_end_to_end_digits(finished):
     assert r['violations'] == {'global': 0, 'pairwise': 0}
     assert r['certified_checked']['pairwise'] > 0
     assert r['train_seconds'] > 0 and len(r['params_fingerprint']) == 32
-    for layer in r['layers'].values():
-      assert layer['certificate'] >= layer['converged'] * (1 - 1e-6)
+    assert r['lipschitz'] > 0 and r['segments'][-1]['where'] == 'logits'
+    for segment in r['segments']:
+      assert segment['certificate'] >= segment['converged'] * (1 - 1e-6)
     steps = [json.loads(line)['step'] for line in open(workdir / name / 'metrics.jsonl')]
     assert steps == [10, 20, 30]
   assert os.path.getsize(workdir / 'certified_accuracy.png') > 1000

@@ -1,5 +1,6 @@
 """Hessian machinery against dense references (float64), known Hessians and exact facts."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -339,3 +340,55 @@ def test_measure_fn_is_invariant_where_it_says_so(key):
     theta = ravel_pytree(p64)[0]
     exact = float(jnp.sum(theta**2 * jnp.diag(h)))
   assert abs(float(a['normalized_trace']) - exact) < 5 * float(a['normalized_trace_stderr'])
+
+
+def test_random_draws_are_those_of_one_call_per_leaf(key):
+  # Drawn flat and reshaped (fast to compile on CPU), with the values of a per-leaf draw.
+  like = {'conv': jnp.zeros((3, 3, 4, 5)), 'bias': jnp.zeros((5,)), 'dense': jnp.zeros((6, 2))}
+  probes = flatness.rademacher_probes(key, like, 4)
+  keys = jax.random.split(key, 3)
+  for k, x, got in zip(keys, jax.tree.leaves(like), jax.tree.leaves(probes), strict=True):
+    np.testing.assert_array_equal(got, jax.random.rademacher(k, (4, *x.shape), jnp.float32))
+
+
+class _ConvNet(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(4, (3, 3), name='c0')(x))
+    x = nn.max_pool(nn.relu(nn.Conv(6, (3, 3), strides=(2, 2), name='c1')(x)), (2, 2), (2, 2))
+    x = nn.relu(nn.Dense(5, name='d0')(x.reshape(x.shape[0], -1)))
+    return nn.Dense(3, name='d1')(x)
+
+
+def test_rescale_neurons_on_a_conv_net_keeps_the_function(key):
+  # Per-output-channel factors through ReLU and max pooling, into a conv and a flattened dense.
+  model = _ConvNet()
+  x = jax.random.uniform(key, (4, 8, 8, 2))
+  with jax.enable_x64(True):
+    v = jax.tree.map(lambda a: a.astype(jnp.float64), model.init(key, x[:1]))
+    scaled = flatness.rescale_neurons(v['params'], ['c0', 'c1', 'd0', 'd1'], key)
+    x64 = x.astype(jnp.float64)
+    np.testing.assert_allclose(
+      model.apply({'params': scaled}, x64), model.apply(v, x64), rtol=1e-10, atol=1e-12
+    )
+    assert not np.allclose(scaled['c1']['kernel'], v['params']['c1']['kernel'])
+    with pytest.raises(ValueError, match="'d1'.*'c1'"):
+      flatness.rescale_neurons(v['params'], ['c1', 'd1'], key)
+
+
+def test_measures_that_do_not_apply_are_refused_or_labelled(key):
+  model = _ConvNet()
+  x = jax.random.uniform(key, (8, 8, 8, 2))
+  y = jnp.arange(8) % 3
+  params = model.init(key, x[:1])['params']
+  apply = lambda p, z: model.apply({'params': p}, z)  # noqa: E731
+  why = flatness.inapplicable_measures(apply, params, x.shape[1:])
+  assert 'reduce_window_max' in why['path_norm'] and 'conv' in why['spectral_product']
+  fn = flatness.measure_fn(apply, num_probes=2, chunk=2, lanczos_iters=2, sharpness_samples=2,
+                           sharpness_iters=2, gn_chunk=8)  # fmt: skip
+  out = fn(params, x, y, key)
+  assert 'path_norm' not in out and 'spectral_product' not in out
+  assert float(out['reshaped_spectral_product']) > 0
+  # A plain ReLU MLP keeps both.
+  _, mlp, mlp_apply, xm = _mlp_loss(key, jnp.float32, widths=(6, 8, 4))
+  assert flatness.inapplicable_measures(mlp_apply, mlp, xm.shape[1:]) == {}

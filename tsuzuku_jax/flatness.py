@@ -23,6 +23,7 @@ parameters closed over as constants let XLA constant-fold through the network (a
 max-pool under vmap then takes minutes to compile).
 """
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -69,17 +70,27 @@ def _check_probes(num_probes: int, chunk: int) -> None:
     raise ValueError(f'chunk must be >= 1, got {chunk}')
 
 
-def rademacher_probes(key: jax.Array, like: PyTree, num: int) -> PyTree:
-  """`num` Rademacher (+-1) probes shaped like `like`, stacked on a leading axis."""
+def per_leaf_random(draw, key: jax.Array, like: PyTree, lead: tuple[int, ...] = ()) -> PyTree:
+  """`draw(k, shape, dtype)` for every leaf of `like` (shape `(*lead, *leaf.shape)`), leaf i
+  with key `split(key, n)[i]`.
+
+  Each draw is made flat and reshaped: the same values (threefry numbers elements by their
+  flat index), but XLA:CPU compiles a draw of a 4-D conv kernel's shape about 7x slower than a
+  flat one, and a ResNet has dozens of such leaves (measure_fn on a small batch-norm ResNet
+  compiled for minutes).
+  """
   leaves, treedef = jax.tree.flatten(like)
   keys = jax.random.split(key, len(leaves))
-  return jax.tree.unflatten(
-    treedef,
-    [
-      jax.random.rademacher(k, (num, *jnp.shape(x)), jnp.result_type(x))
-      for k, x in zip(keys, leaves, strict=True)
-    ],
-  )
+  out = []
+  for k, x in zip(keys, leaves, strict=True):
+    shape = (*lead, *jnp.shape(x))
+    out.append(draw(k, (math.prod(shape),), jnp.result_type(x)).reshape(shape))
+  return jax.tree.unflatten(treedef, out)
+
+
+def rademacher_probes(key: jax.Array, like: PyTree, num: int) -> PyTree:
+  """`num` Rademacher (+-1) probes shaped like `like`, stacked on a leading axis."""
+  return per_leaf_random(jax.random.rademacher, key, like, (num,))
 
 
 def _vdot(a: PyTree, b: PyTree) -> jax.Array:
@@ -360,14 +371,20 @@ def rescale_neurons(
   kernel: str = 'kernel',
   bias: str = 'bias',
 ) -> PyTree:
-  """A random neuron-wise rescaling that leaves a ReLU chain's function unchanged: hidden unit
-  j of layer l gets a factor c_j, log-uniform in [low, high] (its kernel column and bias times
-  c_j, the next kernel's row j divided by c_j; relu(c z) = c relu(z) for c > 0).
+  """A random neuron-wise rescaling that leaves a ReLU network's function unchanged: hidden
+  unit (or conv output channel) j of layer l gets a factor c_j, log-uniform in [low, high]
+  (its kernel's output column or filter and bias times c_j, the next layer's input row or
+  channel divided by c_j; relu(c z) = c relu(z) and max_pool(c z) = c max_pool(z) for c > 0).
 
   Args:
-    params: a pytree holding `params[name][kernel]` ((in, out) Dense kernels) and optionally
-      `params[name][bias]` for every name in `layers`.
+    params: a pytree holding `params[name][kernel]` (a Dense (in, out) or a Conv
+      (kh, kw, in, out) kernel) and optionally `params[name][bias]` for every name in `layers`.
     layers: the layer names in forward order; units between consecutive layers are rescaled.
+      After a conv, the next layer is a conv (its input channels) or a Dense layer on the
+      flattened NHWC feature map (its rows, channel fastest).
+
+  Raises:
+    ValueError: the next layer's input size does not match the channels (naming both layers).
   """
   if not 0 < low <= high:
     raise ValueError(f'need 0 < low <= high, got low={low}, high={high}')
@@ -382,7 +399,18 @@ def rescale_neurons(
     out[name] = {**out[name], kernel: w * c}
     if bias in out[name]:
       out[name][bias] = out[name][bias] * c
-    out[nxt] = {**out[nxt], kernel: out[nxt][kernel] / c[:, None]}
+    v = out[nxt][kernel]
+    n_in = v.shape[-2]
+    if v.ndim == 4 and n_in == c.size:  # conv: input channels
+      v = v / c[:, None]
+    elif v.ndim == 2 and n_in % c.size == 0:  # dense: rows, or a flattened NHWC map's rows
+      v = v / jnp.tile(c, n_in // c.size)[:, None]
+    else:
+      raise ValueError(
+        f'rescale_neurons: {nxt!r} takes {n_in} inputs per position, which does not match the '
+        f'{c.size} units of {name!r}'
+      )
+    out[nxt] = {**out[nxt], kernel: v}
   return out
 
 
@@ -412,13 +440,7 @@ def sharpness_sigma(
   if not 0 < lo < hi:
     raise ValueError(f'need 0 < lo < hi, got lo={lo}, hi={hi}')
   base = error_fn(params)
-  z = jax.tree.map(
-    lambda p, k: jax.random.normal(k, (num_samples, *p.shape), p.dtype),
-    params,
-    jax.tree.unflatten(
-      jax.tree.structure(params), list(jax.random.split(key, len(jax.tree.leaves(params))))
-    ),
-  )
+  z = per_leaf_random(jax.random.normal, key, params, (num_samples,))
   scale = jax.tree.map(jnp.abs, params) if magnitude else jax.tree.map(jnp.ones_like, params)
 
   def excess(log_s):
@@ -466,6 +488,8 @@ def measure_fn(
   normalized_sqrt (sum |theta_i| sqrt(G_ii), its ln(1+x) <= x closed form),
   pac_bayes_mag_flatness (1/sigma^2, magnitude-aware noise) and path_norm. Invariant to filter
   scaling only: filter_normalized_trace. `*_stderr` entries are Hutchinson standard errors.
+  For a network that is not a plain ReLU chain, path_norm is left out, and for a conv network
+  spectral_product is reported as reshaped_spectral_product (`inapplicable_measures` says why).
   """
 
   def fn(params, images, labels, key):
@@ -513,15 +537,66 @@ def measure_fn(
 
   _check_probes(num_probes, chunk)
   jitted = jax.jit(fn)
+  caveats: list[dict] = []  # inapplicable_measures, found at the first call
 
   def checked(params, images, labels, key):
     # On the host, before the jit: a nan would only give nan measures.
     check_params(params)
     check_images(images, pixel_range=None, ndim=None)
     check_labels_for(lambda x: apply_fn(params, x), images, labels)
-    return jitted(params, images, labels, key)
+    if not caveats:
+      caveats.append(inapplicable_measures(apply_fn, params, images.shape[1:]))
+    out = jitted(params, images, labels, key)
+    if 'path_norm' in caveats[0]:
+      del out['path_norm']
+    if 'spectral_product' in caveats[0]:
+      out['reshaped_spectral_product'] = out.pop('spectral_product')
+    return out
 
   return checked
+
+
+# Primitives of a plain ReLU network (linear maps, biases, relu, reshapes, calls): the
+# squared-parameter network's output is then its path norm.
+_PATH_NORM_PRIMITIVES = frozenset(
+  ('dot_general', 'conv_general_dilated', 'add', 'add_any', 'max', 'reshape', 'broadcast_in_dim',
+   'squeeze', 'expand_dims', 'transpose', 'convert_element_type', 'copy', 'copy_p', 'pjit', 'jit',
+   'closed_call', 'custom_jvp_call', 'custom_vjp_call', 'custom_vjp_call_jaxpr', 'stop_gradient')
+)  # fmt: skip
+
+
+def _primitives(jaxpr) -> set[str]:
+  names = set()
+  for eqn in jaxpr.eqns:
+    names.add(eqn.primitive.name)
+    for v in eqn.params.values():
+      sub = getattr(v, 'jaxpr', v)
+      if hasattr(sub, 'eqns'):
+        names |= _primitives(sub)
+  return names
+
+
+def inapplicable_measures(
+  apply_fn: Callable[[PyTree, jax.Array], jax.Array], params: PyTree, input_shape
+) -> dict[str, str]:
+  """{measure: why} for the measures of `measure_fn` that do not mean what their name says for
+  this network, read from its parameters and its jaxpr:
+
+  - 'path_norm' (refused: left out of `measure_fn`'s results): the squared-parameter network
+    computes the path norm only for a chain of linear maps, biases and ReLUs; batch norm, input
+    normalisation, max or average pooling and other operations break that.
+  - 'spectral_product' (labelled: reported as 'reshaped_spectral_product'): a conv kernel's
+    norm here is that of its reshaped (kh kw cin, cout) matrix, not the convolution's operator
+    norm (`lmt.certificate` gives a sound bound of the network's).
+  """
+  x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
+  other = _primitives(jax.make_jaxpr(apply_fn)(params, x).jaxpr) - _PATH_NORM_PRIMITIVES
+  out = {}
+  if other:
+    out['path_norm'] = f'not a plain ReLU network (it uses {", ".join(sorted(other))})'
+  if any(jnp.ndim(w) > 2 for w in jax.tree.leaves(params)):
+    out['spectral_product'] = "conv kernels' reshaped matrices, not the convolutions' norms"
+  return out
 
 
 RAW_MEASURES = (

@@ -249,8 +249,12 @@ def sample_params(key: jax.Array, mean, sigma):
   """theta ~ N(mean, diag sigma^2) over pytrees."""
   leaves, treedef = jax.tree.flatten(mean)
   keys = jax.tree.unflatten(treedef, list(jax.random.split(key, len(leaves))))
+  # Drawn flat and reshaped: the same values, a faster compile for 4-D kernels on XLA:CPU.
   return jax.tree.map(
-    lambda m, s, k: m + s * jax.random.normal(k, m.shape, m.dtype), mean, sigma, keys
+    lambda m, s, k: m + s * jax.random.normal(k, (m.size,), m.dtype).reshape(m.shape),
+    mean,
+    sigma,
+    keys,
   )
 
 
