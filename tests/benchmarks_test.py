@@ -65,3 +65,13 @@ def test_bad_flags_are_rejected(bench):
     bench.parse_args(['--models=mlp,resnet'])
   with pytest.raises(SystemExit):
     bench.parse_args(['--c=0'])
+
+
+def test_tightness_smoke_run_certificates_above_the_jacobians_found(tmp_path, capsys):
+  bench = load_benchmark('lmt_tightness')
+  out = tmp_path / 'tightness.json'
+  bench.main(['--smoke', f'--out={out}'])
+  assert 'seg/found' in capsys.readouterr().out
+  saved = json.loads(out.read_text())
+  for r in saved['models'].values():
+    assert r['segments_over_found'] >= 1 - 1e-5 and r['product'] >= r['segments'] * (1 - 1e-6)
