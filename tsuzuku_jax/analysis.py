@@ -14,7 +14,8 @@ dense head) is one operator, bounded as one:
   or rows by its transpose through `jax.vjp`), times (1 + CERT_RTOL);
 - otherwise, by the product of sound bounds of its steps (float64 SVD of a dense kernel, the
   circular-embedding FFT bound of a zero-padded strided convolution with a following per-
-  channel scale folded into its kernel, sqrt(multiplicity) for broadcasts, sqrt(n) for sums,
+  channel scale, an unpadded average pooling (window = stride) or a residual identity folded
+  into its kernel, sqrt(multiplicity) for broadcasts, sqrt(n) for sums,
   max |c| for a constant scale, 1 for reshapes, slices and pads), and the sum of the bounds of
   the branches of a merge (triangle inequality).
 
@@ -77,7 +78,7 @@ class Linear:
   out_shape: tuple[int, ...]
   apply: Callable[[jax.Array], jax.Array]
   prefix_bound: Callable[[], float]  # bound of everything before `kernel` (or of all, if None)
-  kernel: Any = None  # None or (kind, kernel ndarray, fold info, bound_fn(kernel) -> float)
+  kernel: Any = None  # None or (kind, kernel ndarray, fold info, bound_fn(kernel, info))
   # 'identity': x -> x; 'kernel': exactly the kernel's conv/dense applied to the input (biases
   # and folded scales aside), so that x + kernel(x) folds into one kernel; '' otherwise.
   form: str = ''
@@ -85,7 +86,7 @@ class Linear:
   def bound(self) -> float:
     if self.kernel is None:
       return self.prefix_bound()
-    return self.prefix_bound() * self.kernel[3](self.kernel[1])
+    return self.prefix_bound() * self.kernel[3](self.kernel[1], self.kernel[2])
 
 
 def _identity(shape) -> Linear:
@@ -100,6 +101,10 @@ def _compose(step: 'Step', lin: Linear) -> Linear:
     return dataclasses.replace(
       lin, out_shape=step.out_shape, apply=apply, kernel=(kind, kernel * step.scale, info, fn)
     )
+  if step.pool is not None and lin.kernel is not None and lin.kernel[0] == 'conv':
+    folded = _fold_pool(lin.kernel, step.pool)
+    if folded is not None:
+      return dataclasses.replace(lin, out_shape=step.out_shape, apply=apply, kernel=folded)
   if step.kernel is not None:
     form = 'kernel' if lin.form == 'identity' else ''
     return Linear(lin.in_shape, step.out_shape, apply, lin.bound, step.kernel, form)
@@ -123,6 +128,30 @@ def _sum(a: Linear, b: Linear) -> Linear:
   return Linear(
     a.in_shape, a.out_shape, lambda x: a.apply(x) + b.apply(x), lambda: a.bound() + b.bound()
   )
+
+
+def _fold_pool(kernel, pool):
+  """Sum pooling (window = strides, no padding) after a stride-1 NHWC conv as one conv: the
+  kernel convolved with a box of the window's size, strided by the window; the padding keeps
+  the conv's low side and covers every pooled output on the high side. None if not foldable."""
+  kind, k, info, fn = kernel
+  (ph, pw), (sh, sw) = pool
+  if not (info['nhwc'] and info['strides'] == (1, 1) and (ph, pw) == (sh, sw)):
+    return None
+  kh, kw = k.shape[:2]
+  box = np.zeros((kh + ph - 1, kw + pw - 1, *k.shape[2:]))
+  for a in range(ph):
+    for b in range(pw):
+      box[a : a + kh, b : b + kw] += k
+  (h, w), ((hl, hh), (wl, wh)) = info['in_hw'], info['pads']
+  out_h, out_w = (h + hl + hh - kh + 1) // ph, (w + wl + wh - kw + 1) // pw
+  pads = (
+    (hl, (out_h - 1) * ph + box.shape[0] - h - hl),
+    (wl, (out_w - 1) * pw + box.shape[1] - w - wl),
+  )
+  if pads[0][1] > hh or pads[1][1] > wh or min(pads[0][1], pads[1][1]) < 0:
+    return None  # the pooled windows reach outside what the conv's padding covered
+  return kind, box, {**info, 'strides': (ph, pw), 'pads': pads}, fn
 
 
 def _fold_identity(ident: Linear, lin: Linear) -> Linear | None:
@@ -159,6 +188,7 @@ class Step:
   kernel: Any = None  # (kind, kernel, info, bound_fn) when this step is a conv or dense layer
   transparent: bool = False  # +-identity up to an offset (a bias): a kernel before it stays
   negates: bool = False  # the transparent step is -x (c - x, or neg)
+  pool: Any = None  # (window (h, w), strides (h, w)) of an unpadded NHWC sum pooling
 
 
 def _matrix_norm(m: np.ndarray) -> float:
@@ -696,7 +726,7 @@ def _dot(eqn, ins, i, shape):
   )
   w = w.reshape(nb, nc, -1)
 
-  def bound_fn(kernel):
+  def bound_fn(kernel, info=None):
     return max(_matrix_norm(k) for k in kernel)
 
   # A per-channel scale on the output's last axis folds into the kernel's columns when the
@@ -727,7 +757,7 @@ def _conv(eqn, ins, i, shape):
   info = dict(in_hw=in_hw, strides=tuple(p['window_strides']), pads=tuple(map(tuple, p['padding'])),
               groups=p['feature_group_count'], nhwc=nhwc)  # fmt: skip
 
-  def bound_fn(kernel):
+  def bound_fn(kernel, info=info):  # info: the geometry, changed by a pooling fold
     g = info['groups']
     cout = kernel.shape[3] // g
     return max(
@@ -766,6 +796,18 @@ def _window_sum(eqn, ins, i, shape):
   return math.sqrt(n * math.prod(p['window_dimensions']))
 
 
+def _pool_step(eqn, ins, i, shape):
+  """Sum pooling: its own bound, and for an unpadded NHWC pooling with window = strides, what
+  folds into a stride-1 conv before it (so a product bound has the pooled conv's norm)."""
+  step = _generic(_window_sum)(eqn, ins, i, shape)
+  p = eqn.params
+  win, st = tuple(p['window_dimensions']), tuple(p['window_strides'])
+  plain = (len(win) == 4 and win[0] == win[3] == st[0] == st[3] == 1
+           and all(d == 1 for d in (*p['base_dilation'], *p['window_dilation']))
+           and all(tuple(q) == (0, 0) for q in p['padding']))  # fmt: skip
+  return dataclasses.replace(step, pool=(win[1:3], st[1:3])) if plain else step
+
+
 def _cumsum(eqn, ins, i, shape):
   n = ins[i].shape[eqn.params['axis']]
   return 1.0 / (2.0 * math.sin(math.pi / (4 * n + 2)))  # largest singular value, exact
@@ -786,7 +828,7 @@ _STEPS = {
   'conv_general_dilated': _conv,
   'broadcast_in_dim': _generic(_broadcast),
   'reduce_sum': _generic(_reduce_sum),
-  'reduce_window_sum': _generic(_window_sum),
+  'reduce_window_sum': _pool_step,
   'cumsum': _generic(_cumsum),
   **{n: _generic(_one) for n in _SHAPE_ONLY if n != 'pad'},
 }
