@@ -31,28 +31,24 @@ import numpy as np
 import optax
 
 from tsuzuku_jax import analysis, attacks, checks
-from tsuzuku_jax.analysis import Certificate, Estimate, UnsupportedOperation, estimate
 
-__all__ = ['Certificate', 'Estimate', 'UnsupportedOperation', 'certificate', 'estimate']
+# The analysis' entry points, under the names LMT users call: `certificate` (sound bounds,
+# built once and reused for every batch), `init_iterates` and `estimate` (the training estimate).
+from tsuzuku_jax.analysis import (
+  Certificate,
+  Estimate,
+  UnsupportedOperation,
+  certificate,
+  estimate,
+  init_iterates,
+)
+
+__all__ = ['Certificate', 'Estimate', 'UnsupportedOperation', 'certificate', 'estimate',
+           'init_iterates']  # fmt: skip
 
 FORMS = ('global', 'pairwise')
 VARIANTS = ('lmt', 'gloro')
 CONVERGED_ITERS = 500  # power-iteration steps of the 'converged' column of `segment_report`
-
-
-def certificate(apply_fn: Callable, variables: Any, input_shape: Sequence[int]) -> Certificate:
-  """Sound Lipschitz bounds of `apply_fn(variables, x) -> logits` (`analysis.certificate`):
-  a typed `Certificate` with the (K, K) pairwise logit-difference bounds and the per-segment
-  table, built once and reused for every batch."""
-  return analysis.certificate(apply_fn, variables, input_shape)
-
-
-def init_iterates(
-  apply_fn: Callable, variables: Any, input_shape: Sequence[int], key: jax.Array
-) -> dict:
-  """LMT's persistent power-iteration vectors, one per linear segment of the model (a pytree
-  to keep in the training state); refuses a model the analysis cannot bound, before training."""
-  return analysis.init_iterates(apply_fn, variables, input_shape, key)
 
 
 def pairwise_bounds(bounds: Certificate | Estimate, form: str) -> jax.Array:
@@ -235,16 +231,12 @@ def certify(
   if cert is None:
     cert = certificate(apply_fn, variables, images.shape[1:])
   _require_certificate(cert)
-  return _radius(apply_fn, variables, images, pairwise_bounds(cert, form))
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _radius(apply_fn, variables, images, pair_lip):
-  return certified_radius(apply_fn(variables, images), pair_lip)
+  return _radii(apply_fn, variables, images, [pairwise_bounds(cert, form)])[0]
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _radii(apply_fn, variables, images, pair_lips):
+  """(pred, radius) per (K, K) bound matrix, from one forward pass."""
   logits = apply_fn(variables, images)
   return [certified_radius(logits, p) for p in pair_lips]
 
