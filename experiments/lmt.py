@@ -74,6 +74,18 @@ def _validate():
   for name, flag in (('hidden', _HIDDEN), ('channels', _CHANNELS)):
     if not all(v.isdigit() and int(v) > 0 for v in flag.value):
       raise app.UsageError(f'--{name} must be positive integers, got {flag.value}')
+  if _MODEL.value == 'wrn' and (_DEPTH.value < 10 or (_DEPTH.value - 4) % 6):
+    raise app.UsageError(f'--depth of a WideResNet must be 6n + 4 >= 10, got {_DEPTH.value}')
+  if _MODEL.value == 'liresnet':
+    if _DEPTH.value < 0:
+      raise app.UsageError(f'--depth (LiResNet blocks) must be >= 0, got {_DEPTH.value}')
+    if _WIDTH.value < 2 or (_ACTIVATION.value == 'minmax' and _WIDTH.value % 2):
+      raise app.UsageError(
+        f'--width (LiResNet channels) must be a positive even number for --activation=minmax, '
+        f'got {_WIDTH.value}'
+      )
+  if _DENSE.value < 1:
+    raise app.UsageError(f'--dense must be positive, got {_DENSE.value}')
   return eps
 
 

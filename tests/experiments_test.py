@@ -49,10 +49,12 @@ def finished(tmp_path_factory):
     ('--steps=abc', "flag --steps=abc: invalid literal for int() with base 10: 'abc'"),
     ('--model=resnet', 'flag --model=resnet: value should be one of <mlp|cnn|wrn|liresnet>'),
     ('--stepz=3', "Unknown command line flag 'stepz'"),
+    ('--model=wrn --depth=11', '--depth of a WideResNet must be 6n + 4 >= 10, got 11'),
+    ('--model=liresnet --width=3', '--width (LiResNet channels) must be a positive even number'),
   ],
 )
 def test_bad_flag_gives_one_clear_line(tmp_path, flag, message):
-  proc = _run(f'--workdir={tmp_path}', flag, check=False)
+  proc = _run(f'--workdir={tmp_path}', *flag.split(), check=False)
   assert_one_line_error(proc, message)
   assert os.listdir(tmp_path) == []  # no work started, nothing written
 

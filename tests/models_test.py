@@ -188,3 +188,9 @@ def test_get_model_and_configuration_errors():
   with pytest.raises(ValueError, match='gelu'):
     jax.eval_shape(lir.init, jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
   assert isinstance(models.get_model('cnn', 3), models.CNN)
+
+
+def test_liresnet_minmax_needs_an_even_width():
+  model = models.LiResNet(width=3, depth=1, neck=4, dense=4)
+  with pytest.raises(ValueError, match='3 channels'):
+    jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8, 8, 1)))

@@ -146,6 +146,8 @@ class LiResNet(nn.Module):
       raise ValueError(f"LiResNet activation must be 'minmax' or 'relu', got {self.activation!r}")
     # Sorting each channel pair: the analysis bounds a sort by 1 (max/min of two branches
     # would be bounded by their combined norms, a factor sqrt(2) looser).
+    if x.shape[-1] % 2:
+      raise ValueError(f'LiResNet minmax sorts channel pairs: got {x.shape[-1]} channels (odd)')
     pairs = x.reshape(*x.shape[:-1], x.shape[-1] // 2, 2)
     return jnp.sort(pairs, axis=-1).reshape(x.shape)
 
