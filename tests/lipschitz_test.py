@@ -249,6 +249,20 @@ def test_single_tiny_weight_is_not_underestimated(scale):
   assert float(_two_steps(kernel, u)) >= np.float32(scale) * (1 - 1e-6)
 
 
+def test_zero_weights_give_zero_estimate_finite_gradient_and_keep_the_iterate():
+  # A dead layer (all-zero kernel) must not turn the LMT loss's gradient into NaN.
+  u = np.array([[0.6, -0.8]], np.float32)
+
+  def sigma(kernel):
+    return lipschitz.power_iteration_step(lambda v: v @ kernel, u)[0]
+
+  zero = jnp.zeros((2, 3))
+  grad = jax.grad(sigma)(zero)
+  assert float(sigma(zero)) == 0.0
+  assert np.all(np.isfinite(np.asarray(grad)))
+  np.testing.assert_array_equal(lipschitz.power_iteration_step(lambda v: v @ zero, u)[1], u)
+
+
 # ||W^T W u||^2 underflows float32 once ||W|| < ~1e-10: the normalisation must not stall there.
 @pytest.mark.parametrize('scale', [1e-5, 1e-8, 1e-12])
 def test_power_iteration_converges_for_tiny_weights(scale):
