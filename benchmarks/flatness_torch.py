@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from flax import traverse_util
 
-from tsuzuku_jax import lipschitz
+from tsuzuku_jax.models import conv_pads
 
 
 def to_torch(tree: dict, device: str) -> dict[str, torch.Tensor]:
@@ -34,7 +34,7 @@ def to_torch(tree: dict, device: str) -> dict[str, torch.Tensor]:
 def _conv(t: dict, name: str, x: torch.Tensor, strides=(1, 1), bias: bool = True):
   """NCHW conv with an HWIO kernel and flax's 'SAME' pads."""
   k = t[f'{name}/kernel']
-  (hl, hh), (wl, wh) = lipschitz.conv_pads(x.shape[2:], k.shape[:2], strides, 'SAME')
+  (hl, hh), (wl, wh) = conv_pads(x.shape[2:], k.shape[:2], strides, 'SAME')
   x = F.pad(x, (wl, wh, hl, hh))
   b = t[f'{name}/bias'] if bias else None
   return F.conv2d(x, k.permute(3, 2, 0, 1), b, stride=tuple(strides))

@@ -30,7 +30,8 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 
 from benchmarks.bench_util import describe, device_info, format_table, save_results  # noqa: E402
-from tsuzuku_jax import analysis, data, lmt, models, train_lib  # noqa: E402
+from tsuzuku_jax import data, lmt, models, train_lib  # noqa: E402
+from tsuzuku_jax.lmt import analysis  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tsuzuku_jax import analysis, attacks, lipschitz, lmt
+from tsuzuku_jax import attacks, lmt
+from tsuzuku_jax.lmt import analysis, bounds
 
 SHAPE = (8, 8, 2)
 K = 5
@@ -272,9 +273,9 @@ def test_product_bound_folds_batch_norm_into_the_conv():
   kernel = p['Conv_0']['kernel']
   # The segment before the relu: conv x BN scale as one operator (bias and shift drop out);
   # the head after it is always bounded exactly.
-  fused = float(lipschitz.conv_certificate(kernel, (8, 8), (2, 2), 'SAME', scale))
+  fused = float(bounds.conv_certificate(kernel, (8, 8), (2, 2), 'SAME', scale))
   dense = np.linalg.norm(np.asarray(p['Dense_0']['kernel'], np.float64), 2)
-  unfused = float(lipschitz.conv_certificate(kernel, (8, 8), (2, 2), 'SAME')) * float(
+  unfused = float(bounds.conv_certificate(kernel, (8, 8), (2, 2), 'SAME')) * float(
     jnp.max(jnp.abs(scale))
   )
   assert loose.lipschitz == pytest.approx(fused * dense, rel=1e-5)
@@ -306,7 +307,7 @@ def test_linear_residual_block_is_bounded_as_one_kernel(scale):
   v = model.init(jax.random.key(1), jnp.zeros((1, *SHAPE)))
   cert = analysis.certificate(model.apply, v, SHAPE, exact_max_entries=0)
   p = {k: np.asarray(w['kernel'], np.float64) for k, w in v['params'].items()}
-  conv = lambda w: float(lipschitz.conv_certificate(w, (8, 8), (1, 1), 'SAME'))  # noqa: E731
+  conv = lambda w: float(bounds.conv_certificate(w, (8, 8), (1, 1), 'SAME'))  # noqa: E731
   blocks = {s.in_shape: [] for s in cert.segments}
   for s in cert.segments:
     if s.in_shape == s.out_shape:
@@ -349,7 +350,7 @@ def test_average_pool_folds_into_the_conv_before_it(pad, shape):
   (seg,) = [s for s in cert.segments if s.in_shape == (1, *shape)]
   exact = analysis.exact_norm(seg.linear)
   kernel = np.asarray(v['params']['conv']['kernel'], np.float64)
-  unfolded = float(lipschitz.conv_certificate(kernel, shape[:2], (1, 1), pad)) / 2
+  unfolded = float(bounds.conv_certificate(kernel, shape[:2], (1, 1), pad)) / 2
   assert exact <= seg.bound
   if shape[0] % 2 == 0:
     assert seg.bound <= 1.01 * exact and unfolded > 1.1 * exact, (seg.bound, unfolded, exact)

@@ -1,81 +1,31 @@
 """tsuzuku_jax: Lipschitz-margin training, variance-based gradient compression, Fourier-basis
-sensitivity, and normalized flat minima.
+sensitivity, and normalized flat minima, on any JAX/Flax model.
 
-Modules: `data`, `models`, `analysis`, `lipschitz`, `lmt`, `attacks`, `train_lib`, `plotting`
-(LMT); `compression`, `variance`, `collectives`, `data_parallel` (VGC); `fourier`; `flatness`,
-`pac_bayes`, `rank_correlation`.
+Shared core: `data`, `models`, `train_lib`, `attacks`, `checks`, `workdir`, `plotting`. Papers:
+`lmt` (Lipschitz analysis of any traced model, certificates, margin losses); `compression`,
+`variance`, `collectives`, `data_parallel` (VGC); `fourier`; `flatness`, `pac_bayes`,
+`rank_correlation` (normalized flat minima and PAC-Bayes bounds).
+
+Submodules load on first use (`tsuzuku_jax.lmt`, or `from tsuzuku_jax import lmt`), so importing
+the package loads neither matplotlib, orbax nor scikit-learn.
 """
 
-from tsuzuku_jax import (
-  analysis,
-  attacks,
-  collectives,
-  compression,
-  data,
-  data_parallel,
-  flatness,
-  fourier,
-  lipschitz,
-  lmt,
-  models,
-  pac_bayes,
-  plotting,
-  rank_correlation,
-  train_lib,
-  variance,
-)
-from tsuzuku_jax.attacks import count_violations, pgd_l2, robust_accuracy
-from tsuzuku_jax.lipschitz import (
-  conv_certificate,
-  dense_certificate,
-  pairwise_row_certificate,
-  power_iteration,
-  power_iteration_step,
-)
-from tsuzuku_jax.lmt import (
-  Certificate,
-  Estimate,
-  certificate,
-  certified_accuracy,
-  certified_radius,
-  certify,
-  certify_dataset,
-  lmt_loss,
-  margin_logits,
-)
+import importlib
 
-__all__ = [
-  'Certificate',
-  'Estimate',
-  'analysis',
-  'attacks',
-  'certificate',
-  'certify',
-  'certified_accuracy',
-  'certified_radius',
-  'certify_dataset',
-  'collectives',
-  'compression',
-  'conv_certificate',
-  'count_violations',
-  'data',
-  'data_parallel',
-  'dense_certificate',
-  'flatness',
-  'fourier',
-  'lipschitz',
-  'lmt',
-  'lmt_loss',
-  'margin_logits',
-  'models',
-  'pac_bayes',
-  'pairwise_row_certificate',
-  'pgd_l2',
-  'plotting',
-  'rank_correlation',
-  'power_iteration',
-  'power_iteration_step',
-  'robust_accuracy',
-  'train_lib',
-  'variance',
-]
+_SUBMODULES = (
+  'attacks', 'checks', 'collectives', 'compression', 'data', 'data_parallel', 'flatness',
+  'fourier', 'lmt', 'models', 'pac_bayes', 'plotting', 'rank_correlation', 'train_lib',
+  'variance', 'workdir',
+)  # fmt: skip
+
+__all__ = list(_SUBMODULES)
+
+
+def __getattr__(name: str):
+  if name in _SUBMODULES:
+    return importlib.import_module(f'{__name__}.{name}')
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+
+
+def __dir__():
+  return sorted((*globals(), *_SUBMODULES))

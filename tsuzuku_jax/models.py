@@ -1,6 +1,6 @@
 """The library's models: plain Flax linen modules, `(images, *, train) -> logits`.
 
-Nothing here knows about Lipschitz bounds: `tsuzuku_jax.analysis` reads any model's jaxpr, so
+Nothing here knows about Lipschitz bounds: `tsuzuku_jax.lmt.analysis` reads any model's jaxpr, so
 these are ordinary models that LMT certifies and trains like a user's own. Inputs are NHWC
 images in [0, 1]; a per-channel standardisation by constants (`mean`, `std`) is part of the
 model (and of its analysis), so every radius is in pixel units. Batch norm uses batch
@@ -13,6 +13,22 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+# Spatial padding of a 2-D conv: a lax padding string or two (lo, hi) pairs.
+Padding = str | Sequence[tuple[int, int]]
+
+
+def conv_pads(
+  in_hw: Sequence[int], kernel_hw: Sequence[int], strides: Sequence[int], padding: Padding
+) -> tuple[tuple[int, int], ...]:
+  """Explicit ((lo, hi), (lo, hi)) spatial padding, as `lax.conv_general_dilated` uses it."""
+  if isinstance(padding, str):
+    return tuple(jax.lax.padtype_to_pads(tuple(in_hw), tuple(kernel_hw), tuple(strides), padding))
+  pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+  if len(pads) != 2:
+    raise ValueError(f'padding must give two (lo, hi) pairs, got {padding!r}')
+  return pads
+
 
 _he_normal = nn.initializers.variance_scaling(2.0, 'fan_in', 'normal')
 

@@ -32,6 +32,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from tsuzuku_jax.models import conv_pads
+
 LossFn = Callable[[Any, dict], tuple[jax.Array, Any]]
 
 
@@ -113,8 +115,6 @@ def _pair(v, n: int = 2) -> tuple[int, ...]:
 
 def _conv_geometry(module: nn.Conv, x: jax.Array, key: str):
   """(strides, explicit pads) of a plain 2-D conv, or a ValueError naming what is not."""
-  from tsuzuku_jax import lipschitz
-
   ks = _pair(module.kernel_size)
   plain = (
     x.ndim == 4
@@ -132,7 +132,7 @@ def _conv_geometry(module: nn.Conv, x: jax.Array, key: str):
   strides = _pair(module.strides or 1)
   pad = module.padding
   if isinstance(pad, str):
-    return strides, lipschitz.conv_pads(x.shape[1:3], ks, strides, pad)
+    return strides, conv_pads(x.shape[1:3], ks, strides, pad)
   pad = [(p, p) if isinstance(p, int) else tuple(p) for p in _pair(pad)]
   return strides, pad
 

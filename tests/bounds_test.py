@@ -1,4 +1,4 @@
-"""Tests for tsuzuku_jax.lipschitz against dense float64 SVDs of the materialised operators.
+"""Tests for tsuzuku_jax.lmt.bounds against dense float64 SVDs of the materialised operators.
 
 The reference for every linear layer is the layer applied to the identity basis (its exact
 matrix, with the layer's own stride and zero padding), cast to float64, then a numpy SVD.
@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tsuzuku_jax import lipschitz
+from tsuzuku_jax.lmt import bounds
 
 DN = ('NHWC', 'HWIO', 'NHWC')
 PI_ITERS = 300
@@ -58,21 +58,21 @@ def _conv_numbers(kernel, u, scale, *, in_hw, strides, padding):
   def op(v):
     return _conv(v, kernel, strides, padding) * scale
 
-  estimate, _ = lipschitz.power_iteration(op, u, PI_ITERS)
-  one_step, _ = lipschitz.power_iteration_step(op, u)
-  cert = lipschitz.conv_certificate(kernel, in_hw, strides, padding, exact_max_dim=0)
-  cert_scaled = lipschitz.conv_certificate(
+  estimate, _ = bounds.power_iteration(op, u, PI_ITERS)
+  one_step, _ = bounds.power_iteration_step(op, u)
+  cert = bounds.conv_certificate(kernel, in_hw, strides, padding, exact_max_dim=0)
+  cert_scaled = bounds.conv_certificate(
     kernel, in_hw, strides, padding, out_scale=scale, exact_max_dim=0
   )
-  small = lipschitz.conv_certificate(kernel, in_hw, strides, padding, out_scale=scale)
+  small = bounds.conv_certificate(kernel, in_hw, strides, padding, out_scale=scale)
   dense = _conv_matrix(kernel, in_hw, strides, padding)
   return dense, estimate, one_step, cert, cert_scaled, small
 
 
 @functools.partial(jax.jit, static_argnames=('in_hw', 'strides', 'padding'))
 def _conv_certificates_and_matrix(kernel, scale, *, in_hw, strides, padding):
-  cert = lipschitz.conv_certificate(kernel, in_hw, strides, padding, exact_max_dim=0)
-  cert_scaled = lipschitz.conv_certificate(
+  cert = bounds.conv_certificate(kernel, in_hw, strides, padding, exact_max_dim=0)
+  cert_scaled = bounds.conv_certificate(
     kernel, in_hw, strides, padding, out_scale=scale, exact_max_dim=0
   )
   return cert, cert_scaled, _conv_matrix(kernel, in_hw, strides, padding)
@@ -159,7 +159,7 @@ def test_conv_certificate_is_tight_on_16x16(case):
 def test_conv_certificate_is_exact_for_a_1x1_kernel():
   # A 1x1 conv applies the same matrix at every pixel: its norm is that matrix's norm.
   kernel = _normal(_rng('1x1'), (1, 1, 3, 4))
-  cert = float(jax.jit(lambda k: lipschitz.conv_certificate(k, (5, 6), (2, 1), 'VALID'))(kernel))
+  cert = float(jax.jit(lambda k: bounds.conv_certificate(k, (5, 6), (2, 1), 'VALID'))(kernel))
   exact = np.linalg.svd(kernel[0, 0].astype(np.float64), compute_uv=False)[0]
   assert exact <= cert <= exact * (1 + 1e-5)
 
@@ -167,7 +167,7 @@ def test_conv_certificate_is_exact_for_a_1x1_kernel():
 @pytest.mark.parametrize('shape', [(7, 3), (3, 7), (1, 1)])
 def test_dense_certificate_against_svd(shape):
   kernel = _normal(_rng('dense', shape), shape)
-  cert = float(jax.jit(lipschitz.dense_certificate)(kernel))
+  cert = float(jax.jit(bounds.dense_certificate)(kernel))
   exact = np.linalg.svd(kernel.astype(np.float64), compute_uv=False)[0]
   assert exact <= cert <= exact * (1 + 1e-5), (cert, exact)
 
@@ -175,8 +175,8 @@ def test_dense_certificate_against_svd(shape):
 @jax.jit
 def _dense_estimates(kernel, u):
   op = lambda v: v @ kernel
-  est, u_conv = lipschitz.power_iteration(op, u, PI_ITERS)
-  one, _ = lipschitz.power_iteration_step(op, u)
+  est, u_conv = bounds.power_iteration(op, u, PI_ITERS)
+  one, _ = bounds.power_iteration_step(op, u)
   return est, one, u_conv
 
 
@@ -195,7 +195,7 @@ def test_dense_power_iteration_grad_is_top_singular_pair():
   _, _, u = _dense_estimates(kernel, _normal(rng, (1, 5)))
 
   def sigma(w, u):
-    return lipschitz.power_iteration_step(lambda v: v @ w, u)[0]
+    return bounds.power_iteration_step(lambda v: v @ w, u)[0]
 
   grad = np.asarray(jax.jit(jax.grad(sigma))(kernel, u), np.float64)
   assert np.all(np.isfinite(grad))
@@ -218,7 +218,7 @@ def test_conv_power_iteration_grad_matches_float64_finite_difference():
 
   @jax.jit
   def grad_and_matrices(w, d):
-    sigma = lambda w: lipschitz.power_iteration_step(lambda v: _conv(v, w, strides, padding), u)[0]
+    sigma = lambda w: bounds.power_iteration_step(lambda v: _conv(v, w, strides, padding), u)[0]
     mats = jax.vmap(lambda k: _conv_matrix(k, in_hw, strides, padding))(jnp.stack([w, d]))
     return jax.grad(sigma)(w), mats
 
@@ -237,8 +237,8 @@ def test_conv_power_iteration_grad_matches_float64_finite_difference():
 @jax.jit
 def _two_steps(kernel, u):
   op = lambda v: v @ kernel
-  _, u = lipschitz.power_iteration_step(op, u)
-  return lipschitz.power_iteration_step(op, u)[0]
+  _, u = bounds.power_iteration_step(op, u)
+  return bounds.power_iteration_step(op, u)[0]
 
 
 @pytest.mark.parametrize('scale', [1e-5, 1e-12])
@@ -254,13 +254,13 @@ def test_zero_weights_give_zero_estimate_finite_gradient_and_keep_the_iterate():
   u = np.array([[0.6, -0.8]], np.float32)
 
   def sigma(kernel):
-    return lipschitz.power_iteration_step(lambda v: v @ kernel, u)[0]
+    return bounds.power_iteration_step(lambda v: v @ kernel, u)[0]
 
   zero = jnp.zeros((2, 3))
   grad = jax.grad(sigma)(zero)
   assert float(sigma(zero)) == 0.0
   assert np.all(np.isfinite(np.asarray(grad)))
-  np.testing.assert_array_equal(lipschitz.power_iteration_step(lambda v: v @ zero, u)[1], u)
+  np.testing.assert_array_equal(bounds.power_iteration_step(lambda v: v @ zero, u)[1], u)
 
 
 # ||W^T W u||^2 underflows float32 once ||W|| < ~1e-10: the normalisation must not stall there.
@@ -282,7 +282,7 @@ def test_space_to_depth_kernel_turns_strided_conv_into_stride_one(in_hw, k, stri
   cin, cout = 2, 3
   x = _normal(rng, (1, *in_hw, cin))
   kernel = _normal(rng, (k, k, cin, cout))
-  k2 = lipschitz.space_to_depth_kernel(kernel, strides)
+  k2 = bounds.space_to_depth_kernel(kernel, strides)
   sh, sw = strides
   assert k2.shape == (-(-k // sh), -(-k // sw), sh * sw * cin, cout)
   # Pad explicitly, then up to a multiple of the stride, and fold s x s blocks into channels:
@@ -310,7 +310,7 @@ def _dense_jacobian(fn, in_shape):
 
 def test_avg_pool_factor_exact_for_non_overlapping_windows():
   in_hw = (7, 9)  # the last row and column are dropped by VALID pooling
-  factor = lipschitz.avg_pool_factor(in_hw, (2, 2), (2, 2))
+  factor = bounds.avg_pool_factor(in_hw, (2, 2), (2, 2))
   assert factor == 0.5
   jac = _dense_jacobian(lambda x: nn.avg_pool(x, (2, 2), (2, 2)), (1, *in_hw, 2))
   np.testing.assert_allclose(np.linalg.svd(jac, compute_uv=False)[0], factor, rtol=1e-12)
@@ -322,7 +322,7 @@ def test_avg_pool_factor_exact_for_non_overlapping_windows():
 )
 def test_avg_pool_factor_bounds_overlapping_windows(window, strides, padding):
   in_hw = (7, 8)
-  factor = lipschitz.avg_pool_factor(in_hw, window, strides, padding)
+  factor = bounds.avg_pool_factor(in_hw, window, strides, padding)
   jac = _dense_jacobian(lambda x: nn.avg_pool(x, window, strides, padding), (1, *in_hw, 1))
   exact = np.linalg.svd(jac, compute_uv=False)[0]
   assert factor >= exact * (1 + 1e-6), (factor, exact)
@@ -339,7 +339,7 @@ def test_avg_pool_factor_bounds_overlapping_windows(window, strides, padding):
 )
 def test_max_pool_factor_bounds_differences(window, strides, padding, want):
   in_hw = (8, 8)
-  factor = lipschitz.max_pool_factor(in_hw, window, strides, padding)
+  factor = bounds.max_pool_factor(in_hw, window, strides, padding)
   assert factor == want
   rng = _rng('maxpool', window, strides, padding)
   x = _normal(rng, (64, *in_hw, 2))
@@ -365,8 +365,8 @@ def test_pairwise_row_certificate_against_numpy():
 
   @jax.jit
   def numbers(w):
-    loss = lambda w: jnp.sum(lipschitz.pairwise_row_norms(w))
-    return lipschitz.pairwise_row_certificate(w), lipschitz.pairwise_row_norms(w), jax.grad(loss)(w)
+    loss = lambda w: jnp.sum(bounds.pairwise_row_norms(w))
+    return bounds.pairwise_row_certificate(w), bounds.pairwise_row_norms(w), jax.grad(loss)(w)
 
   cert, norms, grad = (np.asarray(a, np.float64) for a in numbers(kernel))
   k64 = kernel.astype(np.float64)
@@ -381,6 +381,6 @@ def test_pairwise_row_certificate_against_numpy():
 
 def test_certificates_under_vmap():
   kernels = _normal(_rng('vmap'), (3, 4, 2))
-  got = np.asarray(jax.jit(jax.vmap(lipschitz.dense_certificate))(kernels))
+  got = np.asarray(jax.jit(jax.vmap(bounds.dense_certificate))(kernels))
   want = [np.linalg.svd(k.astype(np.float64), compute_uv=False)[0] for k in kernels]
   np.testing.assert_allclose(got, want, rtol=1e-5)

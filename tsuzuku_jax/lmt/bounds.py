@@ -22,14 +22,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tsuzuku_jax.models import Padding, conv_pads
+
 # Relative safety margin applied to every certificate computed in float64. The float64 SVD
 # and FFT errors are ~1e-13 relative; the margin is far above that and costs 1e-6 of radius.
 CERT_RTOL = 1e-6
 # Convolutions whose dense matrix has a side at most this long are bounded by the exact float64
 # SVD of that matrix (tight on small feature maps, where the circular bound is loose).
 EXACT_MAX_DIM = 2048
-
-Padding = str | Sequence[tuple[int, int]]
 
 
 def _safe_normalize(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -87,22 +87,12 @@ def power_iteration(
   return jax.lax.stop_gradient(sigma), u
 
 
-def conv_pads(
-  in_hw: Sequence[int], kernel_hw: Sequence[int], strides: Sequence[int], padding: Padding
-) -> tuple[tuple[int, int], ...]:
-  """Explicit ((lo, hi), (lo, hi)) spatial padding, as `lax.conv_general_dilated` uses it."""
-  if isinstance(padding, str):
-    return tuple(jax.lax.padtype_to_pads(tuple(in_hw), tuple(kernel_hw), tuple(strides), padding))
-  pads = tuple((int(lo), int(hi)) for lo, hi in padding)
-  if len(pads) != 2:
-    raise ValueError(f'padding must give two (lo, hi) pairs, got {padding!r}')
-  return pads
-
-
-def _round_up_f32(x: float) -> np.float32:
-  """float64 bound -> float32 bound that is still >= it, with the safety margin."""
-  y = np.float32(x * (1.0 + CERT_RTOL))
-  return np.nextafter(y, np.float32(np.inf)) if float(y) < x else y
+def round_up(x: np.typing.ArrayLike, margin: float = 0.0) -> np.ndarray:
+  """float64 bounds -> float32 bounds still >= them: x * (1 + margin) rounded to float32, one
+  float32 step up wherever that fell below x."""
+  x = np.asarray(x, np.float64)
+  y = np.asarray(x * (1.0 + margin), np.float32)
+  return np.where(y < x, np.nextafter(y, np.float32(np.inf)), y)
 
 
 def _one_blas_thread():
@@ -121,7 +111,7 @@ def _host_bound(fn, *args) -> jax.Array:
 
   def host(*a):
     with _one_blas_thread():
-      return _round_up_f32(fn(*[np.asarray(x, np.float64) for x in a]))
+      return round_up(fn(*[np.asarray(x, np.float64) for x in a]), CERT_RTOL)
 
   return jax.pure_callback(
     host,
@@ -248,9 +238,7 @@ def conv_certificate(
 
 def _pairwise_np(kernel: np.ndarray) -> np.ndarray:
   diff = kernel[:, :, None] - kernel[:, None, :]  # (d, K, K)
-  norms = np.sqrt(np.sum(diff * diff, axis=0)) * (1.0 + CERT_RTOL)
-  out = norms.astype(np.float32)
-  return np.where(out < norms, np.nextafter(out, np.float32(np.inf)), out)
+  return round_up(np.sqrt(np.sum(diff * diff, axis=0)) * (1.0 + CERT_RTOL))
 
 
 def pairwise_row_norms(kernel: jax.Array) -> jax.Array:
