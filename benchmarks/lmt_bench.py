@@ -11,7 +11,7 @@ random data, so no dataset and no tensorflow_datasets are needed):
    (`lmt.segment_report`) and for the network's pairwise bounds (`lmt.estimate` iterated to
    convergence), up to a relative 1e-5. A segment whose certificate is more than 5 % above its
    converged value gets a WARNING line (a loose, but still sound, bound).
-2. Train step: `train_lib.make_train_step` with c = 0 (plain cross-entropy, no bound work)
+2. Train step: `train_lib.make_train_step` with cross-entropy (no bound work)
    versus c > 0 (LMT, pairwise form, one power-iteration step per segment) and, where cheap, the
    GloRo loss; same model, batch and optimiser. Compilation is excluded; the variants are
    interleaved (rotating order) over many short repeats so that load drift hits all of them
@@ -243,16 +243,17 @@ def run_model(spec: Spec, args: argparse.Namespace, on_cpu: bool) -> tuple[dict,
     'image': jax.random.uniform(kx, (b, *shape), jnp.float32),
     'label': jax.random.randint(ky, (b,), 0, 10, jnp.int32),
   }
-  plain = train_lib.TrainConfig(batch_size=b, schedule='constant', c=0.0, seed=args.seed)
-  configs = {
-    'plain': plain,
-    'lmt': dataclasses.replace(plain, c=args.c, form='pairwise', variant='lmt'),
-    'gloro': dataclasses.replace(plain, c=args.c, form='pairwise', variant='gloro'),
-  }
+  config = train_lib.TrainConfig(batch_size=b, schedule='constant', seed=args.seed)
   apply_fn = train_lib.apply_fn(model)
-  inits = {v: train_lib.create_state(model, configs[v], shape) for v in spec.variants}
+  losses = {
+    'plain': train_lib.CROSS_ENTROPY,
+    **{v: lmt.training_loss(apply_fn, shape, c=args.c, variant=v) for v in ('lmt', 'gloro')},
+  }
+  inits = {v: train_lib.create_state(model, config, shape, losses[v]) for v in spec.variants}
   state0, tx = inits['plain']
-  steps = {v: train_lib.make_train_step(model, tx, configs[v], shape) for v in spec.variants}
+  steps = {
+    v: train_lib.make_train_step(model, tx, losses[v], seed=args.seed) for v in spec.variants
+  }
   record = {
     'input_shape': list(shape),
     'batch_size': b,
@@ -280,7 +281,7 @@ def run_model(spec: Spec, args: argparse.Namespace, on_cpu: bool) -> tuple[dict,
     _, bounds_again_s = timed(lmt.certificate, apply_fn, variables, shape)
   log('checking certificate >= converged (network and per segment)')
   t0 = time.perf_counter()
-  record['correctness'], ok = check_bounds(apply_fn, variables, shape, bounds, state.lipschitz)
+  record['correctness'], ok = check_bounds(apply_fn, variables, shape, bounds, state.loss_state)
   record['correctness']['check_s'] = time.perf_counter() - t0
   if not ok:
     return record, False

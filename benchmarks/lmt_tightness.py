@@ -89,15 +89,17 @@ def main(argv=None) -> dict:
   xte, _ = data.load('digits', 'test')
   steps = 20 if args.smoke else args.steps
   config = train_lib.TrainConfig(
-    steps=steps, batch_size=128, learning_rate=3e-3, c=1.0, c_warmup_steps=steps // 3,
-    clip=True, log_every=max(steps // 4, 1), checkpoint_every=steps,
+    steps=steps, batch_size=128, learning_rate=3e-3, log_every=max(steps // 4, 1),
+    checkpoint_every=steps,
   )  # fmt: skip
   results, rows = {}, []
   for name, model in model_zoo(args.smoke).items():
     t0 = time.perf_counter()
+    apply_fn = train_lib.apply_fn(model)
+    loss = lmt.training_loss(apply_fn, xtr.shape[1:], c=1.0, c_warmup_steps=steps // 3, clip=True)
     with tempfile.TemporaryDirectory() as workdir:
-      state = train_lib.train(model, config, xtr, ytr, workdir, log=lambda s: None)
-    variables, apply_fn = train_lib.variables_of(jax.device_get(state)), train_lib.apply_fn(model)
+      state = train_lib.train(model, config, xtr, ytr, workdir, loss=loss, log=lambda s: None)
+    variables = train_lib.variables_of(jax.device_get(state))
     with jax.default_matmul_precision('highest'):
       segments = lmt.certificate(apply_fn, variables, xtr.shape[1:])
       product = analysis.certificate(apply_fn, variables, xtr.shape[1:], exact_max_entries=0)

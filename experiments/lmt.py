@@ -10,7 +10,6 @@ writes WORKDIR/results.json and WORKDIR/certified_accuracy.png. WORKDIR/run.json
 run: a later invocation resumes only the same flags and data (see experiments/common.py).
 """
 
-import dataclasses
 import os
 
 import common
@@ -119,7 +118,7 @@ def main(argv):
     return
   model = _model(data.num_classes(ytr), xtr)
   mesh = data.data_mesh() if jax.device_count() > 1 else None
-  lmt_config = train_lib.TrainConfig(
+  config = train_lib.TrainConfig(
     steps=_STEPS.value,
     batch_size=_BATCH.value,
     optimizer=_OPT.value,
@@ -127,32 +126,29 @@ def main(argv):
     schedule=_SCHEDULE.value,
     warmup_steps=_WARMUP.value,
     weight_decay=_WD.value,
-    c=_C.value,
-    c_warmup_steps=_C_WARMUP.value,
-    form=_FORM.value,
-    variant=_VARIANT.value,
-    clip=_CLIP.value,
     seed=_SEED.value,
     log_every=_LOG_EVERY.value,
     checkpoint_every=_CKPT_EVERY.value,
   )
-  configs = {'lmt': lmt_config}
+  apply_fn = train_lib.apply_fn(model)
+  margins = dict(c_warmup_steps=_C_WARMUP.value, form=_FORM.value, variant=_VARIANT.value)
+  losses = {'lmt': lmt.training_loss(apply_fn, xtr.shape[1:], c=_C.value, clip=_CLIP.value,
+                                     **margins)}  # fmt: skip
   if _BASELINE.value:
-    configs['baseline'] = dataclasses.replace(lmt_config, c=0.0)
+    losses['baseline'] = train_lib.CROSS_ENTROPY
   pgd = dict(steps=_PGD_STEPS.value, restarts=_PGD_RESTARTS.value)
   results = {'dataset': _DATASET.value, 'model': repr(model), 'eps': eps}
   results['flags'] = common.config()
   curves, marks = {}, {}
-  for name, config in configs.items():
+  for name, loss in losses.items():
     print(f'== training {name} ({config.steps} steps) on {_DATASET.value}', flush=True)
     path = os.path.join(_WORKDIR.value, name)
     try:
-      state = train_lib.train(model, config, xtr, ytr, path, mesh=mesh)
+      state = train_lib.train(model, config, xtr, ytr, path, loss=loss, mesh=mesh)
     except train_lib.TrainingDiverged as e:
       raise train_lib.TrainingDiverged(f'{name} run diverged: {e}') from None
     state = jax.device_get(state)
     variables = train_lib.variables_of(state)
-    apply_fn = train_lib.apply_fn(model)
     with jax.default_matmul_precision('highest'):
       cert = lmt.certificate(apply_fn, variables, xtr.shape[1:])
       report = lmt.robustness_report(

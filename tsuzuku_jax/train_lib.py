@@ -1,12 +1,11 @@
 """Training loop: TrainState, jitted train/eval steps, orbax checkpoint/resume, metrics.jsonl.
 
-`train(model, config, images, labels, workdir)` trains a plain Flax model (`__call__(x)` or
-`__call__(x, *, train)`, returning logits; batch norm statistics in the `batch_stats`
-collection) with plain cross-entropy (`config.c == 0`) or Lipschitz-margin training
-(`config.c > 0`, on the jaxpr analysis of the model in evaluation mode, `lmt.make_loss`). A run
-restarted on the same workdir resumes from the last checkpoint and ends with the same
-parameters as an uninterrupted run: the data order depends only on (seed, epoch) and the
-dropout key only on (seed, step).
+`train(model, config, images, labels, workdir, loss=...)` trains a plain Flax model
+(`__call__(x)` or `__call__(x, *, train)`, returning logits; batch norm statistics in the
+`batch_stats` collection) with a `Loss`: cross-entropy by default, or a paper's (LMT's margin
+loss is `lmt.training_loss`). Nothing here knows about any paper. A run restarted on the same
+workdir resumes from the last checkpoint and ends with the same parameters as an uninterrupted
+run: the data order depends only on (seed, epoch) and the dropout key only on (seed, step).
 """
 
 import dataclasses
@@ -25,7 +24,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from tsuzuku_jax import checks, data, lmt
+from tsuzuku_jax import checks, data
 from tsuzuku_jax import workdir as record
 
 
@@ -33,13 +32,13 @@ class TrainState(NamedTuple):
   step: jax.Array  # shape=(), int32: number of optimiser steps taken.
   params: Any
   batch_stats: Any  # running batch-norm statistics ({} for models without BN).
-  lipschitz: Any  # LMT's power-iteration vectors, one per linear segment ({} without LMT).
+  loss_state: Any  # what the loss carries across steps (LMT's power-iteration vectors; {}).
   opt_state: Any
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  """Optimisation and LMT settings (the launcher builds it from flags)."""
+  """Optimisation settings (the launcher builds it from flags); the loss has its own."""
 
   steps: int = 1000
   batch_size: int = 128
@@ -48,11 +47,6 @@ class TrainConfig:
   schedule: str = 'cosine'  # 'cosine' | 'constant' | 'step' (x0.1 at 50% and 75%)
   warmup_steps: int = 0
   weight_decay: float = 0.0
-  c: float = 0.0  # LMT margin scale; 0 = plain cross-entropy (no bound work in the step).
-  c_warmup_steps: int = 0
-  form: str = 'pairwise'  # lmt.FORMS
-  variant: str = 'lmt'  # lmt.VARIANTS
-  clip: bool = False
   seed: int = 0
   log_every: int = 100
   checkpoint_every: int = 1000
@@ -63,11 +57,8 @@ class TrainConfig:
       (self.steps > 0, f'steps must be positive, got {self.steps}'),
       (self.batch_size > 0, f'batch_size must be positive, got {self.batch_size}'),
       (self.learning_rate > 0, f'learning_rate must be positive, got {self.learning_rate}'),
-      (self.c >= 0, f'c must be >= 0, got {self.c}'),
       (self.optimizer in ('adam', 'sgd'), f'unknown optimizer {self.optimizer!r}'),
       (self.schedule in ('cosine', 'constant', 'step'), f'unknown schedule {self.schedule!r}'),
-      (self.form in lmt.FORMS, f'form must be one of {lmt.FORMS}, got {self.form!r}'),
-      (self.variant in lmt.VARIANTS, f'variant must be one of {lmt.VARIANTS}'),
       (self.checkpoint_every > 0, 'checkpoint_every must be positive'),
     ]
     for ok, msg in checks:
@@ -81,6 +72,34 @@ class CheckpointMismatch(ValueError):
 
 class TrainingDiverged(FloatingPointError):
   """The loss became NaN or Inf; the last good checkpoint is kept."""
+
+
+class Loss(NamedTuple):
+  """A training loss on the trainer's forward pass, with state it may carry across steps.
+
+  `fn(variables, loss_state, logits, labels, step) -> (loss, (loss_state, metrics))`:
+  `variables` are the model's at this step (parameters being differentiated, this step's
+  batch statistics), `logits` the training forward pass's; `metrics` a dict of scalars logged
+  beside loss and accuracy. `init(variables, key) -> loss_state` (a pytree, {} for none).
+  `config` is what identifies the loss in a run record (`run.json`).
+  """
+
+  fn: Callable
+  init: Callable = lambda variables, key: {}
+  config: dict = {}
+  shown: tuple[str, ...] = ()  # metrics of `fn` printed in the progress line (all are logged)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Mean softmax cross-entropy with integer labels (the one every experiment uses)."""
+  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+
+
+def _plain(variables, loss_state, logits, labels, step):
+  return cross_entropy(logits, labels), (loss_state, {})
+
+
+CROSS_ENTROPY = Loss(_plain, config={'loss': 'cross_entropy'})
 
 
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
@@ -116,9 +135,10 @@ def _eval_apply(model, variables, x):
   return model.apply(variables, x, train=False)
 
 
-def create_state(model, config: TrainConfig, input_shape) -> tuple[TrainState, Any]:
-  """Initialises parameters, BN statistics, LMT's power-iteration vectors (when config.c > 0)
-  and the optimiser state."""
+def create_state(
+  model, config: TrainConfig, input_shape, loss: Loss = CROSS_ENTROPY
+) -> tuple[TrainState, Any]:
+  """Initialises parameters, BN statistics, the loss' state and the optimiser state."""
   x = jnp.zeros((1, *input_shape), jnp.float32)
   init = functools.partial(model.init, train=False) if _takes_train(model) else model.init
   # Jitted: an eager init compiles every small op separately (seconds for a tiny MLP).
@@ -130,15 +150,10 @@ def create_state(model, config: TrainConfig, input_shape) -> tuple[TrainState, A
     step=jnp.zeros((), jnp.int32),
     params=params,
     batch_stats=variables.get('batch_stats', {}),
-    lipschitz={},
+    loss_state={},
     opt_state=tx.init(params),
   )
-  if config.c > 0:
-    iterates = lmt.init_iterates(
-      apply_fn(model), variables_of(state), input_shape, jax.random.fold_in(key, 1)
-    )
-    state = state._replace(lipschitz=iterates)
-  return state, tx
+  return state._replace(loss_state=loss.init(variables_of(state), jax.random.fold_in(key, 1))), tx
 
 
 def variables_of(state: TrainState) -> dict:
@@ -148,15 +163,10 @@ def variables_of(state: TrainState) -> dict:
   return {'params': state.params}
 
 
-def make_train_step(model, tx, config: TrainConfig, input_shape) -> Callable:
-  """Jitted `train_step(state, batch) -> (state, metrics)`; LMT when config.c > 0 (the bounds
-  estimated on the model in evaluation mode with this step's batch-norm statistics)."""
-  use_lmt = config.c > 0
-  c_sched = lmt.c_schedule(config.c, config.c_warmup_steps)
-  base_key = jax.random.key(config.seed)
-  lmt_loss = lmt.make_loss(
-    apply_fn(model), input_shape, form=config.form, variant=config.variant, clip=config.clip
-  )
+def make_train_step(model, tx, loss: Loss = CROSS_ENTROPY, *, seed: int = 0) -> Callable:
+  """Jitted `train_step(state, batch) -> (state, metrics)`: `loss` on the training forward pass
+  (batch statistics, dropout key from (seed, step)), one optimiser update."""
+  base_key = jax.random.key(seed)
   takes_train = _takes_train(model)
 
   def loss_fn(params, state, batch, rng):
@@ -165,31 +175,24 @@ def make_train_step(model, tx, config: TrainConfig, input_shape) -> Callable:
     logits, updates = model.apply(
       variables, batch['image'], rngs={'dropout': rng}, mutable=['batch_stats'], **kwargs
     )
-    updates = {'batch_stats': updates.get('batch_stats', state.batch_stats)}
+    stats = updates.get('batch_stats', state.batch_stats)
+    now = {**variables, **({'batch_stats': stats} if state.batch_stats else {})}
     labels = batch['label']
-    if use_lmt:
-      c = c_sched(state.step)
-      now = {**variables, **({'batch_stats': updates['batch_stats']} if state.batch_stats else {})}
-      loss, (iterates, bounds) = lmt_loss(now, state.lipschitz, logits, labels, c)
-      updates['lipschitz'] = iterates
-      lip = jnp.max(lmt.pairwise_bounds(bounds, config.form))
-    else:
-      c = jnp.zeros(())
-      loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
-      lip = jnp.zeros(())
+    value, (loss_state, extra) = loss.fn(now, state.loss_state, logits, labels, state.step)
     acc = jnp.mean(jnp.argmax(logits, -1) == labels)
-    return loss, (updates, {'loss': loss, 'accuracy': acc, 'c': c, 'lipschitz_estimate': lip})
+    return value, ((stats, loss_state), {'loss': value, 'accuracy': acc, **extra})
 
   @jax.jit
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     rng = jax.random.fold_in(base_key, state.step)
-    grads, (updates, metrics) = jax.grad(loss_fn, has_aux=True)(state.params, state, batch, rng)
+    grad_fn = jax.grad(loss_fn, has_aux=True)
+    grads, ((stats, loss_state), metrics) = grad_fn(state.params, state, batch, rng)
     upd, opt_state = tx.update(grads, state.opt_state, state.params)
     new_state = TrainState(
       step=state.step + 1,
       params=optax.apply_updates(state.params, upd),
-      batch_stats=updates.get('batch_stats', state.batch_stats),
-      lipschitz=updates.get('lipschitz', state.lipschitz),
+      batch_stats=stats,
+      loss_state=loss_state,
       opt_state=opt_state,
     )
     metrics['grad_norm'] = optax.global_norm(grads)
@@ -282,6 +285,7 @@ def train(
   labels: np.ndarray,
   workdir: str,
   *,
+  loss: Loss = CROSS_ENTROPY,
   mesh=None,
   log: Callable[[str], None] = print,
   until: Callable[[TrainState], bool] | None = None,
@@ -308,12 +312,12 @@ def train(
   import orbax.checkpoint as ocp
 
   checks.check_images(images, pixel_range=None)
-  state, tx = create_state(model, config, images.shape[1:])
+  state, tx = create_state(model, config, images.shape[1:], loss)
   checks.check_labels_for(logits_fn(model, state), images, labels)
   record.open_run(
     workdir,
     'train_lib.train',
-    {**dataclasses.asdict(config), 'model': describe_model(model)},
+    {**dataclasses.asdict(config), **loss.config, 'model': describe_model(model)},
     {'examples': len(images), 'fingerprint': data.fingerprint(images, labels)},
     neutral=('log_every', 'checkpoint_every', 'max_checkpoints'),
     how='use a new workdir',
@@ -329,7 +333,7 @@ def train(
       return state
   if mesh is not None:
     state = jax.device_put(state, NamedSharding(mesh, P()))
-  train_step = make_train_step(model, tx, config, images.shape[1:])
+  train_step = make_train_step(model, tx, loss, seed=config.seed)
   mngr = _manager(workdir, config)
   per_epoch = data.steps_per_epoch(len(images), config.batch_size)
   step, t0, t_last, window, last = start, time.time(), time.time(), [], False
@@ -359,9 +363,10 @@ def train(
             now = time.time()
             rate = (step - start) / max(now - t0, 1e-9)
             eta = (config.steps - step) / max(rate, 1e-9)
+            extra = ''.join(f' {k} {v:.3g}' for k, v in mean.items() if k in loss.shown)
             log(
-              f'step {step}/{config.steps} loss {mean["loss"]:.4f} acc {mean["accuracy"]:.3f} '
-              f'c {mean["c"]:.3g} {rate:.1f} steps/s ETA {eta:.0f}s'
+              f'step {step}/{config.steps} loss {mean["loss"]:.4f} acc {mean["accuracy"]:.3f}'
+              f'{extra} {rate:.1f} steps/s ETA {eta:.0f}s'
             )
             metrics_file.write(json.dumps({'step': step, 'time': now - t_last, **mean}) + '\n')
             metrics_file.flush()

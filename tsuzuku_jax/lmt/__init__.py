@@ -26,6 +26,7 @@ from tsuzuku_jax.lmt.margins import (
   make_loss,
   margin_logits,
   pairwise_bounds,
+  training_loss,
 )
 from tsuzuku_jax.lmt.radii import (
   CONVERGED_ITERS,
@@ -63,4 +64,5 @@ __all__ = [
   'radii',
   'robustness_report',
   'segment_report',
+  'training_loss',
 ]

@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from tsuzuku_jax.lmt.analysis import Certificate, Estimate, estimate
+from tsuzuku_jax import train_lib
+from tsuzuku_jax.lmt.analysis import Certificate, Estimate, estimate, init_iterates
 from tsuzuku_jax.lmt.bounds import round_up
 
 FORMS = ('global', 'pairwise')
@@ -139,6 +140,36 @@ def make_loss(
     return value, (iterates, bounds)
 
   return loss
+
+
+def training_loss(
+  apply_fn: Callable,
+  input_shape: Sequence[int],
+  *,
+  c: float,
+  c_warmup_steps: int = 0,
+  form: str = 'pairwise',
+  variant: str = 'lmt',
+  clip: bool = False,
+) -> train_lib.Loss:
+  """LMT as the trainer's loss: `make_loss` with `c` ramped over `c_warmup_steps`
+  (`c_schedule`) and the power-iteration vectors as the loss' state; logs `c` and
+  `lipschitz_estimate` (the largest pairwise bound estimated this step)."""
+  if not c > 0:
+    raise ValueError(f'c must be positive for LMT, got {c} (train with the plain loss instead)')
+  shape = tuple(input_shape)
+  loss = make_loss(apply_fn, shape, form=form, variant=variant, clip=clip)
+  schedule = c_schedule(c, c_warmup_steps)
+
+  def fn(variables, iterates, logits, labels, step):
+    c_now = schedule(step)
+    value, (iterates, bounds) = loss(variables, iterates, logits, labels, c_now)
+    lip = jnp.max(pairwise_bounds(bounds, form))
+    return value, (iterates, {'c': c_now, 'lipschitz_estimate': lip})
+
+  config = dict(c=c, c_warmup_steps=c_warmup_steps, form=form, variant=variant, clip=clip)
+  init = lambda variables, key: init_iterates(apply_fn, variables, shape, key)  # noqa: E731
+  return train_lib.Loss(fn, init, config, shown=('c',))
 
 
 def c_schedule(c: float, warmup_steps: int, start: float = 1e-5) -> optax.Schedule:
