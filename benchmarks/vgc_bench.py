@@ -34,7 +34,7 @@ One call (synthetic data throughout; no dataset is needed):
    the loss alone (XLA compiles the two separately, so this is a difference of two wall-clock
    times, not an isolated kernel). Reported: (b - a) / (a - f), the estimator's extra cost over
    that backward pass, and (b - a) / a, its extra cost over the whole gradient step (same for c).
-4. Cost model (`collectives.speedup_table`, n = --workers, alpha-beta, no overlap) for each
+4. Cost model (`cost_model.speedup_table`, n = --workers, alpha-beta, no overlap) for each
    measured model's parameter count, and for a --big_params (25M) model: dense bytes 4 d, sparse
    bytes 4 B per sent element (28-bit index + 4-bit code) at --density plus 8 B per tensor;
    t_compress = the VGC per-element time of the largest measured size * d (decode not
@@ -77,7 +77,8 @@ from benchmarks.bench_util import (  # noqa: E402
   timed,
   write_json,
 )
-from tsuzuku_jax import collectives, compression, models, variance  # noqa: E402
+from tsuzuku_jax import models  # noqa: E402
+from tsuzuku_jax.vgc import compression, cost_model, variance  # noqa: E402
 
 VGC_BYTES = 24  # per element: read g, s, r, v and write r, v (float32).
 OWN_BYTES = {'vgc': 24, 'hybrid': 24, 'strom': 12, 'topk': 12}  # no v for strom / topk.
@@ -434,15 +435,15 @@ def sparse_bytes(d: int, tensors: int, density: float) -> float:
   return 4 * math.ceil(density * d) + 8 * tensors
 
 
-def cost_model(args: argparse.Namespace, compress: dict, var: dict) -> dict:
-  """`collectives.speedup_table` rows for each measured model and for the big model."""
+def cost_model_rows(args: argparse.Namespace, compress: dict, var: dict) -> dict:
+  """`cost_model.speedup_table` rows for each measured model and for the big model."""
   big_d = max(compress)
   per_elem_s = compress[big_d]['vgc']['median_ms'] / 1e3 / big_d
   latency = args.latency_us * 1e-6
   rows = []
 
   def row(name, d, tensors, t_compute, t_var, assumed):
-    m = collectives.StepModel(
+    m = cost_model.StepModel(
       dense_bytes=4 * d,
       sparse_bytes=sparse_bytes(d, tensors, args.density),
       workers=args.workers,
@@ -451,7 +452,7 @@ def cost_model(args: argparse.Namespace, compress: dict, var: dict) -> dict:
       t_variance=t_var,
       latency=latency,
     )
-    table = collectives.speedup_table(m, GBITS)
+    table = cost_model.speedup_table(m, GBITS)
     rows.append({'name': name, 'params': d, 't_compute_assumed': assumed, **table})
 
   for name, r in var.items():
@@ -615,7 +616,7 @@ def main(argv=None) -> dict:
     var[name], ok = time_variance(name, model, shape, args)
     if not ok:
       fail('Variance-estimator', var[name]['correctness']['failures'])
-  cost = cost_model(args, compress, var)
+  cost = cost_model_rows(args, compress, var)
 
   print(f'\nDevice: {describe(info)}; load average at start {info.get("load_average", "?")}')
   print('\nCorrectness (3 jitted steps, small tree): conservation and selection tests pass.')

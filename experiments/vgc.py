@@ -18,8 +18,9 @@ import common
 import numpy as np
 from absl import app, flags
 
-from tsuzuku_jax import collectives, compression, data, models, plotting, workdir
-from tsuzuku_jax import data_parallel as dp
+from tsuzuku_jax import data, models, plotting, workdir
+from tsuzuku_jax.vgc import compression, cost_model
+from tsuzuku_jax.vgc import data_parallel as dp
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Output directory.')
 _DATASET = flags.DEFINE_string('dataset', 'digits', 'digits | mnist | cifar10 | npz:PATH.')
@@ -166,7 +167,7 @@ def main(argv):
           continue
         local = {'image': train[0][: config.batch_size // workers]}
         local['label'] = train[1][: config.batch_size // workers]
-        times = dp.measure_worker_times(loss_fn, params, local, config)
+        times = cost_model.measure_worker_times(loss_fn, params, local, config)
         run = {'config': config.__dict__, 'history': hist, 'times': times}
         os.makedirs(os.path.dirname(path), exist_ok=True)
         workdir.write_json(path, run)
@@ -216,11 +217,11 @@ def _summarise(runs: list[dict], workers: int) -> dict:
   speedups = {}
   if runs[0]['config']['method'] != 'dense':
     for name, sent in (('ideal', ideal), ('static', static)):
-      own = collectives.StepModel(dense, sent, workers, **times)
-      ref = collectives.StepModel(4 * ref_d, 4 * ref_d * sent / dense, workers, ref_t)
+      own = cost_model.StepModel(dense, sent, workers, **times)
+      ref = cost_model.StepModel(4 * ref_d, 4 * ref_d * sent / dense, workers, ref_t)
       ref = dataclasses.replace(ref, t_compress=ref_compress, t_variance=ref_var)
-      speedups[f'this_model_{name}'] = collectives.speedup_table(own)
-      speedups[f'reference_model_{name}'] = collectives.speedup_table(ref)
+      speedups[f'this_model_{name}'] = cost_model.speedup_table(own)
+      speedups[f'reference_model_{name}'] = cost_model.speedup_table(ref)
   return {
     'accuracy': acc,
     'accuracy_mean': float(np.mean(acc)),

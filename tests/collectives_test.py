@@ -7,8 +7,9 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from tsuzuku_jax import collectives, compression, data, models
-from tsuzuku_jax import data_parallel as dp
+from tsuzuku_jax import data, models
+from tsuzuku_jax.vgc import allreduce, compression, cost_model
+from tsuzuku_jax.vgc import data_parallel as dp
 
 N = 8
 
@@ -32,7 +33,7 @@ def _exchange(comp, grads, variances, simulate):
   def worker(g, s):
     state = comp.init(like)
     msgs, _, _ = comp.update(g, state, s)
-    return collectives.mean_of_messages(msgs, like, 'data'), jax.lax.psum(g, 'data')
+    return allreduce.mean_of_messages(msgs, like, 'data'), jax.lax.psum(g, 'data')
 
   if simulate:
     mean, total = jax.vmap(worker, axis_name='data')(grads, variances)
@@ -142,34 +143,34 @@ def test_mesh_axis_and_worker_count_are_checked():
 
 def test_cost_model_closed_forms():
   d, n, bw = 4e8, 8, 1e9
-  assert collectives.ring_allreduce_time(d, n, bw, 0.0) == pytest.approx(2 * 7 / 8 * d / bw)
-  assert collectives.ring_allgather_time(d / 4, n, bw, 0.0) == pytest.approx(7 * d / 4 / bw)
+  assert cost_model.ring_allreduce_time(d, n, bw, 0.0) == pytest.approx(2 * 7 / 8 * d / bw)
+  assert cost_model.ring_allgather_time(d / 4, n, bw, 0.0) == pytest.approx(7 * d / 4 / bw)
   # R = n / 2: the all-gather moves exactly as many bytes as the ring all-reduce.
-  m = collectives.StepModel(dense_bytes=d, sparse_bytes=d / 4, workers=n, t_compute=0.1, latency=0)
-  assert collectives.step_times(m, bw)['comm_speedup'] == pytest.approx(1.0)
+  m = cost_model.StepModel(dense_bytes=d, sparse_bytes=d / 4, workers=n, t_compute=0.1, latency=0)
+  assert cost_model.step_times(m, bw)['comm_speedup'] == pytest.approx(1.0)
   # Break-even: the compressed and dense steps take the same time there.
-  m = collectives.StepModel(d, d / 100, n, t_compute=0.1, t_compress=0.01, t_variance=0.002)
-  b_star, side = collectives.break_even_bandwidth(m)
+  m = cost_model.StepModel(d, d / 100, n, t_compute=0.1, t_compress=0.01, t_variance=0.002)
+  b_star, side = cost_model.break_even_bandwidth(m)
   assert side == 'below'
-  row = collectives.step_times(m, b_star)
+  row = cost_model.step_times(m, b_star)
   assert row['t_dense_step'] == pytest.approx(row['t_compressed_step'])
   assert (
-    collectives.step_times(m, b_star / 2)['speedup']
+    cost_model.step_times(m, b_star / 2)['speedup']
     > 1
-    > collectives.step_times(m, 2 * b_star)['speedup']
+    > cost_model.step_times(m, 2 * b_star)['speedup']
   )
-  table = collectives.speedup_table(m)
+  table = cost_model.speedup_table(m)
   assert [r['bandwidth_gbit'] for r in table['rows']] == pytest.approx([1, 10, 100])
   assert table['allgather_wins_bytes']
   # Never wins when R < n / 2 and compression costs time.
-  bad = collectives.StepModel(d, d / 2, n, t_compute=0.1, t_compress=0.01)
-  assert collectives.break_even_bandwidth(bad) == (0.0, 'never')
+  bad = cost_model.StepModel(d, d / 2, n, t_compute=0.1, t_compress=0.01)
+  assert cost_model.break_even_bandwidth(bad) == (0.0, 'never')
   # More bytes than dense but fewer latency hops: faster only above the break-even bandwidth.
-  odd = collectives.StepModel(1e3, 1e3, n, t_compute=0.0, latency=1e-3)
-  b_star, side = collectives.break_even_bandwidth(odd)
+  odd = cost_model.StepModel(1e3, 1e3, n, t_compute=0.0, latency=1e-3)
+  b_star, side = cost_model.break_even_bandwidth(odd)
   assert side == 'above'
   assert (
-    collectives.step_times(odd, 2 * b_star)['speedup']
+    cost_model.step_times(odd, 2 * b_star)['speedup']
     > 1
-    > collectives.step_times(odd, b_star / 2)['speedup']
+    > cost_model.step_times(odd, b_star / 2)['speedup']
   )

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tsuzuku_jax import compression
+from tsuzuku_jax.vgc import compression
 
 METHOD_KW = {
   'dense': {},

@@ -7,7 +7,8 @@ import numpy as np
 import optax
 import pytest
 
-from tsuzuku_jax import models, variance
+from tsuzuku_jax import models
+from tsuzuku_jax.vgc import variance
 
 
 def _setup(model, shape, key, dtype=jnp.float64):

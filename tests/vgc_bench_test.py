@@ -8,7 +8,7 @@ import jax
 import pytest
 from launcher import load_benchmark
 
-from tsuzuku_jax import compression
+from tsuzuku_jax.vgc import compression
 
 _PATH = os.path.join(os.path.dirname(__file__), '..', 'benchmarks', 'vgc_bench.py')
 # One size, one compared method and one model keep the smoke run to a few compilations.

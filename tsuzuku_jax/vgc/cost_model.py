@@ -1,74 +1,27 @@
-"""The compressed all-reduce (inside `shard_map` or a named `vmap`), and a communication cost model.
+"""Communication cost model of compressed data-parallel training, and the per-worker timings
+that feed it.
 
-`mean_of_messages(messages, like, axis_name)` averages one message per worker over the named
-axis: dense leaves with `psum`, `SparseMessage` leaves by `all_gather` of the packed words (and
-raw values, and the per-tensor scales), decoding and scatter-adding every worker's elements.
-The same function runs under `jax.shard_map` over a mesh axis (one worker per device) and
-under `jax.vmap(..., axis_name=...)` (workers simulated on one device); the two give the same
-result (tests).
-
-Cost model (alpha-beta, per worker, no overlap; n workers, bandwidth B bytes/s per link,
-latency a seconds per message):
+Alpha-beta model, per worker, no overlap; n workers, bandwidth B bytes/s per link, latency a
+seconds per message:
   ring all-reduce of D bytes:                 2 (n-1) a + 2 (n-1)/n * D / B
   ring all-gather of K bytes from each worker:  (n-1) a +   (n-1)   * K / B
 So an all-gather of compressed messages beats the dense ring all-reduce only when the byte
-compression ratio R = D / K exceeds n / 2 (bandwidth terms alone).
+compression ratio R = D / K exceeds n / 2 (bandwidth terms alone). `measure_worker_times`
+measures one worker's compute, variance and compression times on its local batch (the
+launcher's speed-up tables use them).
 """
 
 import dataclasses
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from tsuzuku_jax.compression import SparseMessage, decode_values, unpack_index
+from tsuzuku_jax.vgc import variance
 
 GBIT = 1e9 / 8  # bytes/s in one Gbit/s
-
-
-def _is_message(x) -> bool:
-  return isinstance(x, SparseMessage)
-
-
-def check_axis(mesh: jax.sharding.Mesh, axis_name: str) -> None:
-  """Raises ValueError naming the axis when `mesh` has no axis `axis_name`."""
-  if axis_name not in mesh.axis_names:
-    raise ValueError(f'mesh has no axis {axis_name!r} (axes: {tuple(mesh.axis_names)})')
-
-
-def mean_of_messages(messages, like, axis_name: str):
-  """Mean over workers of the decoded messages, as a pytree shaped like `like`.
-
-  Must be called inside `shard_map` or `vmap` with `axis_name` bound.
-
-  Args:
-    messages: pytree with `like`'s structure: a `SparseMessage` or a dense array per leaf.
-    like: pytree of arrays (or shape structs) giving each leaf's shape.
-    axis_name: the workers' axis.
-
-  Returns:
-    The mean gradient, float32, identical on every worker.
-  """
-  n = jax.lax.axis_size(axis_name)
-
-  def one(msg, ref):
-    if not _is_message(msg):
-      return jax.lax.psum(msg.astype(jnp.float32), axis_name) / n
-    words = jax.lax.all_gather(msg.words, axis_name)  # (n, capacity)
-    if msg.values.size:
-      vals = jax.lax.all_gather(msg.values, axis_name)
-    else:
-      scales = jax.lax.all_gather(msg.scale, axis_name)  # (n,)
-      vals = decode_values(words, scales[:, None])
-    index = unpack_index(words)
-    # One scatter per worker, in worker order: indices are unique within a message, so the sum
-    # has a fixed order and every device computes bit-identical means (a single scatter of all
-    # n messages would add duplicate indices with GPU atomics, in no fixed order).
-    add = lambda w, t: t.at[index[w]].add(vals[w], mode='drop')
-    total = jax.lax.fori_loop(0, n, add, jnp.zeros((ref.size,), jnp.float32))
-    return (total / n).reshape(ref.shape)
-
-  return jax.tree.map(one, messages, like, is_leaf=_is_message)
 
 
 def ring_allreduce_time(nbytes: float, n: int, bandwidth: float, latency: float) -> float:
@@ -144,3 +97,40 @@ def speedup_table(m: StepModel, gbits: Sequence[float] = (1, 10, 100)) -> dict:
     'break_even_gbit': b_star / GBIT,
     'compressed_faster': side,  # relative to break_even_gbit
   }
+
+
+def _median_seconds(fn: Callable, *args, repeats: int) -> float:
+  jax.block_until_ready(fn(*args))  # compile
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return float(np.median(times))
+
+
+def measure_worker_times(loss_fn: Callable, params, batch: dict, config, repeats=5):
+  """One worker's median times (seconds) on `batch` (its local batch), for the cost model.
+
+  Returns:
+    {'t_compute': forward + backward, 't_variance': the variance estimator's time minus
+    t_compute (0 for methods without it), 't_compress': `compressor.update` (from a fresh
+    state; the message shapes are static, so the time hardly depends on what passes). The
+    decode and scatter-add of the n received messages is not included.
+  """
+  comp = config.compressor()
+  grad_fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
+  t_compute = _median_seconds(grad_fn, params, batch, repeats=repeats)
+  grads = grad_fn(params, batch)[1]
+  s = jax.tree.map(jnp.square, grads)
+  t_variance = 0.0
+  if comp.needs_variance:
+    est = variance.estimator(config.estimator, config.microbatches)
+    est_fn = jax.jit(lambda p, b: est(loss_fn, p, b))
+    t_variance = max(_median_seconds(est_fn, params, batch, repeats=repeats) - t_compute, 0.0)
+  update = jax.jit(comp.update)
+  state = comp.init(params)
+  t_compress = _median_seconds(
+    update, grads, state, s if comp.needs_variance else None, repeats=repeats
+  )
+  return {'t_compute': t_compute, 't_variance': t_variance, 't_compress': t_compress}

@@ -2,7 +2,7 @@
 
 Each worker computes the gradient (and, for variance-based methods, the variance estimate) of
 its shard of the global batch, compresses it with `compression`, and the workers average the
-decoded messages with `collectives.mean_of_messages`; the optimiser then applies the same
+decoded messages with `allreduce.mean_of_messages`; the optimiser then applies the same
 update everywhere. Workers run as `jax.shard_map` over mesh axis `'data'` (one per device: the
 code that runs on 8 fake CPU devices runs on a pod), or, with `simulate=True`, as a named
 `jax.vmap` on one device (N workers on one accelerator; identical results, see the tests).
@@ -31,7 +31,8 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from tsuzuku_jax import checks, collectives, compression, data, variance
+from tsuzuku_jax import checks, data
+from tsuzuku_jax.vgc import allreduce, compression, variance
 
 AXIS = 'data'
 
@@ -169,7 +170,7 @@ def make_worker_fn(loss_fn: Callable, config: DPConfig) -> Callable:
       mom = jax.tree.map(lambda m, g: config.momentum * m + g, mom, grads)
       grads = mom
     msgs, cstate, stats = comp.update(grads, ws.compress, s)
-    mean = collectives.mean_of_messages(msgs, params, AXIS)
+    mean = allreduce.mean_of_messages(msgs, params, AXIS)
     metrics = {
       'loss': jax.lax.pmean(loss, AXIS),
       'accuracy': jax.lax.pmean(acc, AXIS),
@@ -203,7 +204,7 @@ def make_train_step(loss_fn: Callable, config: DPConfig, tx, mesh=None) -> Calla
   else:
     if mesh is None:
       mesh = data.data_mesh()
-    collectives.check_axis(mesh, AXIS)
+    allreduce.check_axis(mesh, AXIS)
     if mesh.shape[AXIS] != n:
       raise ValueError(
         f'workers={n} but mesh axis {AXIS!r} has {mesh.shape[AXIS]} devices; set workers to '
@@ -341,40 +342,3 @@ def train(
         break
   hist['totals'] = totals
   return state.params, hist
-
-
-def _median_seconds(fn: Callable, *args, repeats: int) -> float:
-  jax.block_until_ready(fn(*args))  # compile
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times))
-
-
-def measure_worker_times(loss_fn: Callable, params, batch: dict, config: DPConfig, repeats=5):
-  """One worker's median times (seconds) on `batch` (its local batch), for the cost model.
-
-  Returns:
-    {'t_compute': forward + backward, 't_variance': the variance estimator's time minus
-    t_compute (0 for methods without it), 't_compress': `compressor.update` (from a fresh
-    state; the message shapes are static, so the time hardly depends on what passes). The
-    decode and scatter-add of the n received messages is not included.
-  """
-  comp = config.compressor()
-  grad_fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
-  t_compute = _median_seconds(grad_fn, params, batch, repeats=repeats)
-  grads = grad_fn(params, batch)[1]
-  s = jax.tree.map(jnp.square, grads)
-  t_variance = 0.0
-  if comp.needs_variance:
-    est = variance.estimator(config.estimator, config.microbatches)
-    est_fn = jax.jit(lambda p, b: est(loss_fn, p, b))
-    t_variance = max(_median_seconds(est_fn, params, batch, repeats=repeats) - t_compute, 0.0)
-  update = jax.jit(comp.update)
-  state = comp.init(params)
-  t_compress = _median_seconds(
-    update, grads, state, s if comp.needs_variance else None, repeats=repeats
-  )
-  return {'t_compute': t_compute, 't_variance': t_variance, 't_compress': t_compress}
