@@ -19,10 +19,11 @@ STEPS = 4
 def _chain(config: dp.DPConfig) -> optax.GradientTransformationExtraArgs:
   kw = dict(alpha=config.alpha, zeta=config.zeta, tau=config.tau, density=config.density,
             capacity=config.capacity, quantize=config.quantize)  # fmt: skip
+  # Written out here (not dp.make_optimizer): the documented user loop, independently.
+  sgd = optax.sgd(optax.cosine_decay_schedule(config.learning_rate, config.steps), 0.9)
+  decay = [optax.add_decayed_weights(config.weight_decay)] if config.weight_decay else []
   return optax.chain(
-    transforms.compress(config.method, **kw),
-    transforms.mean_over('data'),
-    dp.make_optimizer(config),
+    transforms.compress(config.method, **kw), transforms.mean_over('data'), *decay, sgd
   )
 
 
@@ -57,6 +58,10 @@ def _chain_run(loss_fn, params, x, y, config):
   return params, opt_state
 
 
+def _residual(opt_state):
+  return [s for s in opt_state if isinstance(s, transforms.CompressTxState)][0].inner.residual
+
+
 def _trainer_run(loss_fn, params, x, y, config):
   state, tx = dp.init_state(config, params)
   state = dp.place(state, config, _mesh())
@@ -84,8 +89,8 @@ def test_optax_chain_on_eight_devices_equals_the_data_parallel_trainer(method, e
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-9)
   # The residuals (error feedback) are the trainer's, worker by worker.
   inner = transforms.compression_stats(opt_state)
-  residual = [s for s in opt_state if isinstance(s, transforms.CompressTxState)][0].inner.residual
-  for a, b in zip(jax.tree.leaves(residual), jax.tree.leaves(state.workers.compress.residual),
+  residual = _residual(opt_state)
+  for a, b in zip(jax.tree.leaves(residual), jax.tree.leaves(_residual(state.workers)),
                   strict=True):  # fmt: skip
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-8)
   # Per-worker statistics of the last step; their worker mean is the trainer's metric.

@@ -1,9 +1,9 @@
 """Data-parallel training with a compressed gradient exchange (one worker per device, or simulated).
 
 Each worker computes the gradient (and, for variance-based methods, the variance estimate) of
-its shard of the global batch, compresses it with `compression`, and the workers average the
-decoded messages with `allreduce.mean_of_messages`; the optimiser then applies the same
-update everywhere. Workers run as `jax.shard_map` over mesh axis `'data'` (one per device: the
+its shard of the global batch and runs one optax chain (`make_optimizer`): `vgc.compress`,
+the compressed mean `vgc.mean_over('data')`, then SGD, which applies the same update
+everywhere. Workers run as `jax.shard_map` over mesh axis `'data'` (one per device: the
 code that runs on 8 fake CPU devices runs on a pod), or, with `simulate=True`, as a named
 `jax.vmap` on one device (N workers on one accelerator; identical results, see the tests).
 
@@ -32,7 +32,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from tsuzuku_jax import checks, data
-from tsuzuku_jax.vgc import allreduce, compression, variance
+from tsuzuku_jax.vgc import allreduce, compression, transforms, variance
 
 AXIS = 'data'
 
@@ -106,78 +106,66 @@ class DPConfig:
     )
 
 
-class WorkerState(NamedTuple):
-  """Per-worker state; each leaf has a leading workers axis."""
-
-  compress: compression.CompressState
-  momentum: Any  # worker-side momentum buffers (momentum_on='worker'), else ().
-
-
 class DPState(NamedTuple):
   step: jax.Array  # shape=(), int32
   params: Any  # replicated
-  opt_state: Any  # replicated
-  workers: WorkerState
+  workers: Any  # the optimiser chain's state, one per worker (leading workers axis)
 
 
-def make_optimizer(config: DPConfig) -> optax.GradientTransformation:
+def make_optimizer(config: DPConfig) -> optax.GradientTransformationExtraArgs:
+  """Each worker's optax chain: [weight decay on the gradient] [worker momentum] compress ->
+  the compressed mean over 'data' -> [weight decay on the update] SGD (momentum on the
+  update). Its `update` takes the variance as the keyword extra argument `variance`."""
   lr = config.learning_rate
   if config.schedule == 'cosine':
     sched = optax.cosine_decay_schedule(lr, config.steps)
   else:
     sched = optax.constant_schedule(lr)
-  momentum = config.momentum if config.momentum_on == 'update' and config.momentum else None
   parts = []
+  if config.weight_decay and config.weight_decay_on == 'gradient':
+    parts.append(optax.add_decayed_weights(config.weight_decay))
+  if config.momentum_on == 'worker' and config.momentum:
+    parts.append(optax.trace(decay=config.momentum))  # m = momentum * m + g; send m
+  kw = dict(alpha=config.alpha, zeta=config.zeta, tau=config.tau, density=config.density,
+            capacity=config.capacity, quantize=config.quantize)  # fmt: skip
+  parts += [transforms.compress(config.method, **kw), transforms.mean_over(AXIS)]
   if config.weight_decay and config.weight_decay_on == 'update':
     parts.append(optax.add_decayed_weights(config.weight_decay))
+  momentum = config.momentum if config.momentum_on == 'update' and config.momentum else None
   parts.append(optax.sgd(sched, momentum=momentum))
   return optax.chain(*parts)
 
 
-def init_state(config: DPConfig, params) -> tuple[DPState, optax.GradientTransformation]:
+def init_state(config: DPConfig, params) -> tuple[DPState, optax.GradientTransformationExtraArgs]:
   tx = make_optimizer(config)
-  comp = config.compressor().init(params)
-  mom = (
-    jax.tree.map(jnp.zeros_like, params)
-    if config.momentum_on == 'worker' and config.momentum
-    else ()
-  )
-  stack = lambda t: jax.tree.map(lambda a: jnp.broadcast_to(a, (config.workers, *a.shape)), t)
-  workers = WorkerState(stack(comp), stack(mom))
-  state = DPState(jnp.zeros((), jnp.int32), params, tx.init(params), workers)
-  return state, tx
+  workers = transforms.per_worker(tx.init(params), config.workers)
+  return DPState(jnp.zeros((), jnp.int32), params, workers), tx
 
 
-def make_worker_fn(loss_fn: Callable, config: DPConfig) -> Callable:
-  """`f(params, worker_state, local_batch) -> (mean_grads, worker_state, metrics)` for one worker.
+def make_worker_fn(loss_fn: Callable, config: DPConfig, tx) -> Callable:
+  """`f(params, worker_state, local_batch) -> (params, worker_state, metrics)` for one worker.
 
   Must run with axis `'data'` bound (shard_map or named vmap). `loss_fn(params, batch) ->
   (loss, accuracy)` is a mean over the local batch.
   """
-  comp = config.compressor()
+  needs_variance = config.compressor().needs_variance
   estimate = variance.estimator(config.estimator, config.microbatches)
 
-  def worker(params, ws: WorkerState, batch):
-    if comp.needs_variance:
+  def worker(params, opt_state, batch):
+    if needs_variance:
       (loss, acc), grads, s = estimate(loss_fn, params, batch)
     else:
       (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
       s = None
-    if config.weight_decay and config.weight_decay_on == 'gradient':
-      grads = jax.tree.map(lambda g, p: g + config.weight_decay * p, grads, params)
-    mom = ws.momentum
-    if config.momentum_on == 'worker' and config.momentum:
-      mom = jax.tree.map(lambda m, g: config.momentum * m + g, mom, grads)
-      grads = mom
-    msgs, cstate, stats = comp.update(grads, ws.compress, s)
-    mean = allreduce.mean_of_messages(msgs, params, AXIS)
+    updates, opt_state = tx.update(grads, opt_state, params, variance=s)
+    stats = transforms.compression_stats(opt_state)
     metrics = {
       'loss': jax.lax.pmean(loss, AXIS),
       'accuracy': jax.lax.pmean(acc, AXIS),
       **{k: jax.lax.pmean(jnp.asarray(v, jnp.float32), AXIS) for k, v in stats.items()},
       'max_static_bytes': jax.lax.pmax(jnp.asarray(stats['static_bytes'], jnp.float32), AXIS),
     }
-    return mean, WorkerState(cstate, mom), metrics
+    return optax.apply_updates(params, updates), opt_state, metrics
 
   return worker
 
@@ -187,19 +175,20 @@ def make_train_step(loss_fn: Callable, config: DPConfig, tx, mesh=None) -> Calla
 
   With `config.simulate`, workers are a named vmap on the default device; otherwise a
   `shard_map` over `mesh` (default: all devices) axis `'data'`, whose size must equal
-  `config.workers`.
+  `config.workers`. Every worker ends the step with the same parameters (the mean is decoded
+  identically everywhere); worker 0's are kept.
 
   Raises:
     ValueError: the mesh has no 'data' axis or its size differs from `config.workers`.
   """
-  worker = make_worker_fn(loss_fn, config)
+  worker = make_worker_fn(loss_fn, config, tx)
   n = config.workers
   if config.simulate:
 
     def run(params, ws, batch):
       local = jax.tree.map(lambda a: a.reshape(n, a.shape[0] // n, *a.shape[1:]), batch)
-      mean, ws, metrics = jax.vmap(worker, in_axes=(None, 0, 0), axis_name=AXIS)(params, ws, local)
-      return jax.tree.map(lambda a: a[0], mean), ws, jax.tree.map(lambda a: a[0], metrics)
+      new, ws, metrics = jax.vmap(worker, in_axes=(None, 0, 0), axis_name=AXIS)(params, ws, local)
+      return jax.tree.map(lambda a: a[0], new), ws, jax.tree.map(lambda a: a[0], metrics)
 
   else:
     if mesh is None:
@@ -212,24 +201,22 @@ def make_train_step(loss_fn: Callable, config: DPConfig, tx, mesh=None) -> Calla
       )
 
     def local_worker(params, ws, batch):
-      ws = jax.tree.map(lambda a: a[0], ws)
-      mean, ws, metrics = worker(params, ws, batch)
-      return mean, jax.tree.map(lambda a: a[None], ws), metrics
+      new, ws, metrics = worker(params, jax.tree.map(lambda a: a[0], ws), batch)
+      return new, jax.tree.map(lambda a: a[None], ws), metrics
 
+    spec = transforms.worker_spec(AXIS)
     run = jax.shard_map(
       local_worker,
       mesh=mesh,
-      in_specs=(P(), P(AXIS), P(AXIS)),
-      out_specs=(P(), P(AXIS), P()),
+      in_specs=(P(), spec, P(AXIS)),
+      out_specs=(P(), spec, P()),
       check_vma=False,  # the decoded mean is identical on every worker by construction
     )
 
   @jax.jit
   def train_step(state: DPState, batch: dict) -> tuple[DPState, dict]:
-    mean, ws, metrics = run(state.params, state.workers, batch)
-    updates, opt_state = tx.update(mean, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    return DPState(state.step + 1, params, opt_state, ws), metrics
+    params, ws, metrics = run(state.params, state.workers, batch)
+    return DPState(state.step + 1, params, ws), metrics
 
   return train_step
 
@@ -244,7 +231,6 @@ def place(state: DPState, config: DPConfig, mesh=None) -> DPState:
   return DPState(
     jax.device_put(state.step, rep),
     jax.device_put(state.params, rep),
-    jax.device_put(state.opt_state, rep),
     jax.device_put(state.workers, split),
   )
 
