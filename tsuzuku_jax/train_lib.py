@@ -336,7 +336,8 @@ def train(
   train_step = make_train_step(model, tx, loss, seed=config.seed)
   mngr = _manager(workdir, config)
   per_epoch = data.steps_per_epoch(len(images), config.batch_size)
-  step, t0, t_last, window, last = start, time.time(), time.time(), [], False
+  step, t_last, window, last = start, time.time(), [], False
+  warm = None  # (step, time) once the first step (and its compilation) is done
   try:
     with open(metrics_path, 'a') as metrics_file:
       while step < config.steps and not last:
@@ -349,6 +350,9 @@ def train(
             continue
           state, metrics = train_step(state, data.shard_batch(batch, mesh))
           step += 1
+          if warm is None:  # the rate and ETA leave out compilation (the first step)
+            jax.block_until_ready(metrics)
+            warm = (step, time.time())
           window.append(metrics)
           last = step == config.steps
           if step % config.log_every == 0 or last or step % config.checkpoint_every == 0:
@@ -361,12 +365,14 @@ def train(
                 f'(step {mngr.latest_step()}) is kept in {workdir}/checkpoints'
               )
             now = time.time()
-            rate = (step - start) / max(now - t0, 1e-9)
-            eta = (config.steps - step) / max(rate, 1e-9)
             extra = ''.join(f' {k} {v:.3g}' for k, v in mean.items() if k in loss.shown)
+            speed = 'compiled'
+            if step > warm[0]:
+              rate = (step - warm[0]) / max(now - warm[1], 1e-9)
+              speed = f'{rate:.1f} steps/s ETA {(config.steps - step) / rate:.0f}s'
             log(
               f'step {step}/{config.steps} loss {mean["loss"]:.4f} acc {mean["accuracy"]:.3f}'
-              f'{extra} {rate:.1f} steps/s ETA {eta:.0f}s'
+              f'{extra} {speed}'
             )
             metrics_file.write(json.dumps({'step': step, 'time': now - t_last, **mean}) + '\n')
             metrics_file.flush()
