@@ -11,7 +11,7 @@ result (tests). Its cost against a dense ring all-reduce is `cost_model`'s.
 import jax
 import jax.numpy as jnp
 
-from tsuzuku_jax.vgc.compression import SparseMessage, decode_values, unpack_index
+from tsuzuku_jax.vgc.compression import SparseMessage, message_values, unpack_index
 
 
 def _is_message(x) -> bool:
@@ -43,11 +43,12 @@ def mean_of_messages(messages, like, axis_name: str):
     if not _is_message(msg):
       return jax.lax.psum(msg.astype(jnp.float32), axis_name) / n
     words = jax.lax.all_gather(msg.words, axis_name)  # (n, capacity)
-    if msg.values.size:
-      vals = jax.lax.all_gather(msg.values, axis_name)
+    if msg.values.size:  # raw values travel beside the words; the scale is unused
+      gathered = SparseMessage(words, jax.lax.all_gather(msg.values, axis_name), msg.scale)
     else:
       scales = jax.lax.all_gather(msg.scale, axis_name)  # (n,)
-      vals = decode_values(words, scales[:, None])
+      gathered = SparseMessage(words, msg.values, scales[:, None])
+    vals = message_values(gathered)
     index = unpack_index(words)
     # One scatter per worker, in worker order: indices are unique within a message, so the sum
     # has a fixed order and every device computes bit-identical means (a single scatter of all

@@ -312,8 +312,16 @@ def make(
   return Compressor(method, init, update, method in ('vgc', 'hybrid'), fraction)
 
 
+def message_values(message: SparseMessage) -> jax.Array:
+  """The value of each slot of a message (or of stacked messages, scales broadcasting): the raw
+  float32 values when it carries them, else its 4-bit codes decoded. The one decoder: `decode`
+  and the all-reduce both use it."""
+  if message.values.size:
+    return message.values
+  return decode_values(message.words, message.scale)
+
+
 def decode(message: SparseMessage, size: int) -> jax.Array:
   """Dense flat (size,) float32 of one worker's message (padding words are dropped)."""
   index = unpack_index(message.words)
-  vals = message.values if message.values.size else decode_values(message.words, message.scale)
-  return jnp.zeros((size,), jnp.float32).at[index].add(vals, mode='drop')
+  return jnp.zeros((size,), jnp.float32).at[index].add(message_values(message), mode='drop')
