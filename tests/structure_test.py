@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
 PACKAGE = os.path.join(ROOT, 'tsuzuku_jax')
 PAPERS = ('lmt', 'vgc', 'fourier', 'flatness')
@@ -95,3 +97,15 @@ def test_importing_the_package_loads_no_heavy_optional_dependency():
   out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env)
   assert out.returncode == 0, out.stderr
   assert out.stdout.strip() == '[]', out.stdout
+
+
+def test_every_subpackage_is_in_the_distribution():
+  # A wheel (e.g. for Colab) must carry tsuzuku_jax/lmt/ and the other subpackages.
+  tomllib = pytest.importorskip('tomllib')
+  setuptools = pytest.importorskip('setuptools')
+  with open(os.path.join(ROOT, 'pyproject.toml'), 'rb') as f:
+    find = tomllib.load(f)['tool']['setuptools']['packages']['find']
+  shipped = set(setuptools.find_packages(ROOT, include=find['include']))
+  packages = {n for n, p in _modules().items() if p.endswith('__init__.py')}
+  assert {f'tsuzuku_jax.{p}' for p in PAPERS} <= packages
+  assert packages <= shipped, sorted(packages - shipped)
