@@ -3,8 +3,9 @@ sensitivity, and normalized flat minima, on any JAX/Flax model.
 
 Shared core: `data`, `models`, `train_lib`, `attacks`, `checks`, `workdir`, `plotting`. Papers:
 `lmt` (Lipschitz analysis of any traced model, certificates, margin losses); `compression`,
-`variance`, `collectives`, `data_parallel` (VGC); `fourier`; `flatness`, `pac_bayes`,
-`rank_correlation` (normalized flat minima and PAC-Bayes bounds).
+`variance`, `collectives`, `data_parallel` (VGC); `fourier`; `flatness` (normalized flat minima;
+its `flatness.pac_bayes`, `flatness.posterior` and `flatness.rank_correlation` hold the
+PAC-Bayes bounds, posteriors and rank correlations).
 
 Submodules load on first use (`tsuzuku_jax.lmt`, or `from tsuzuku_jax import lmt`), so importing
 the package loads neither matplotlib, orbax nor scikit-learn.
@@ -14,8 +15,7 @@ import importlib
 
 _SUBMODULES = (
   'attacks', 'checks', 'collectives', 'compression', 'data', 'data_parallel', 'flatness',
-  'fourier', 'lmt', 'models', 'pac_bayes', 'plotting', 'rank_correlation', 'train_lib',
-  'variance', 'workdir',
+  'fourier', 'lmt', 'models', 'plotting', 'train_lib', 'variance', 'workdir',
 )  # fmt: skip
 
 __all__ = list(_SUBMODULES)
