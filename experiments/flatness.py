@@ -23,16 +23,8 @@ import common
 import numpy as np
 from absl import app, flags, logging
 
-from tsuzuku_jax import (
-  data,
-  flatness,
-  models,
-  pac_bayes,
-  plotting,
-  rank_correlation,
-  train_lib,
-  workdir,
-)
+from tsuzuku_jax import data, flatness, models, plotting, train_lib, workdir
+from tsuzuku_jax.flatness import pac_bayes, posterior, rank_correlation
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Output directory.')
 _DATASET = flags.DEFINE_string('dataset', 'digits', 'digits | mnist | cifar10 | npz:PATH.')
@@ -134,7 +126,7 @@ def _train_model(hp, seed, xtr, ytr, xte, yte, measure_fns, workdir):
     checkpoint_every=_MAX_STEPS.value,
   )  # fmt: skip
   xj, yj = jnp.asarray(xtr), jnp.asarray(labels)
-  loss_at = jax.jit(lambda p: flatness._cross_entropy(apply_fn(p, xj), yj))
+  loss_at = jax.jit(lambda p: flatness.measures._cross_entropy(apply_fn(p, xj), yj))
   t0 = time.time()
   state = train_lib.train(
     model, config, xtr, labels, workdir, log=lambda s: None,
@@ -273,7 +265,7 @@ def _bound(xtr, ytr, xte, yte):
       t0 = time.time()
       # Data as jit arguments: closed-over arrays would be constant-folded (minutes on MNIST).
       fit = jax.jit(
-        lambda p, k, x, y, s=s: pac_bayes.fit_posterior(
+        lambda p, k, x, y, s=s: posterior.fit_posterior(
           apply_fn,
           p,
           s,
@@ -286,11 +278,11 @@ def _bound(xtr, ytr, xte, yte):
         )  # fmt: skip
       )
       mean, sigma, objective = fit(prior_mean, k, xb, yb)
-      cert = pac_bayes.certify(
+      cert = posterior.certify(
         apply_fn, mean, sigma, prior_mean, s, xb, yb, jax.random.fold_in(k, 1),
         num_samples=_MC.value, delta=delta, delta_mc=delta_mc,
       )  # fmt: skip
-      test = pac_bayes.sampled_errors(apply_fn, mean, sigma, xt, yt, jax.random.fold_in(k, 2), 100)
+      test = posterior.sampled_errors(apply_fn, mean, sigma, xt, yt, jax.random.fold_in(k, 2), 100)
       row = {'prior': prior_name, 'prior_sigma': s, **cert, 'objective': float(objective)}
       row['stochastic_test_error'] = float(jnp.mean(test))
       row['mean_test_error'] = float(jnp.mean(jnp.argmax(apply_fn(mean, xt), -1) != yt))

@@ -18,7 +18,7 @@ import common
 import numpy as np
 from absl import app, flags, logging
 
-from tsuzuku_jax import data, fourier, models, plotting, train_lib
+from tsuzuku_jax import attacks, data, fourier, models, plotting, train_lib
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Output directory.')
 _DATASET = flags.DEFINE_string('dataset', 'digits', 'digits | mnist | cifar10 | npz:PATH.')
@@ -181,9 +181,9 @@ def main(argv):
       query, search, eps, search=_SEARCH.value, first_images=_FIRST.value, eta=_ETA.value
     )
     attack_s = time.time() - t0
-    randoms = fourier.random_perturbations(jax.random.fold_in(key, 1), hw_c, eps, _RANDOM.value)
+    randoms = attacks.random_perturbations(jax.random.fold_in(key, 1), hw_c, eps, _RANDOM.value)
     rand = [fourier.fooling_rate(query, held, r, held_ref) for r in randoms]
-    uap = fourier.whitebox_universal(
+    uap = attacks.whitebox_universal(
       logits_fn, search, pred[:n], eps, key=jax.random.fold_in(key, 2), steps=_UAP_STEPS.value
     )
     stride = _SHIFT_STRIDE.value

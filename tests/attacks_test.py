@@ -174,3 +174,10 @@ def test_bad_input_is_refused_by_name(key):
     attacks.pgd_l2(logits_fn, x, jnp.full((B,), K), 0.1, key=key, steps=1, restarts=1)
   with pytest.raises(ValueError, match='eps must be finite and >= 0'):
     attacks.pgd_l2(logits_fn, x, y, -0.1, key=key, steps=1, restarts=1)
+
+
+def test_random_perturbations_have_the_norm(key):
+  r = attacks.random_perturbations(key, (6, 6, 2), 1.5, 5)
+  np.testing.assert_allclose(jnp.linalg.norm(r.reshape(5, -1), axis=1), 1.5, rtol=1e-5)
+  r = attacks.random_perturbations(key, (6, 6, 2), 0.1, 3, norm='linf')
+  np.testing.assert_allclose(jnp.abs(r), 0.1)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from tsuzuku_jax import flatness
+from tsuzuku_jax import checks, flatness
 
 
 def _mlp_loss(key, dtype=jnp.float64, widths=(5, 7, 3)):
@@ -113,9 +113,9 @@ def test_bad_input_is_named(key):
   bad = jax.tree.map(lambda x: x, params)
   bad['l1']['w'] = bad['l1']['w'].at[0, 0].set(jnp.nan)
   with pytest.raises(ValueError, match=r"\['l1'\]\['w'\].*non-finite"):
-    flatness.check_params(bad)
+    checks.check_params(bad)
   with pytest.raises(ValueError, match='dtype'):
-    flatness.check_params({'w': jnp.zeros(3, jnp.int32)})
+    checks.check_params({'w': jnp.zeros(3, jnp.int32)})
   op = flatness.hessian_op(loss, params)
   with pytest.raises(ValueError, match='num_probes'):
     flatness.hutchinson_trace(op, params, key, 0)
@@ -170,7 +170,7 @@ def test_normalized_measures_are_invariant_to_rescaling(key, layerwise):
     np.testing.assert_allclose(apply(scaled, x), apply(params, x), rtol=1e-12, atol=1e-12)
     probe = jax.random.fold_in(key, 4)
     for p_ in (params, scaled):
-      flatness.check_params(p_)
+      checks.check_params(p_)
     kappa = [
       ravel_pytree(flatness.normalized_diagonal(loss_of, p_, method='exact'))[0]
       for p_ in (params, scaled)

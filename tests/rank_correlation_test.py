@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from tsuzuku_jax import rank_correlation as rc
+from tsuzuku_jax.flatness import rank_correlation as rc
 
 
 def test_kendall_tau_matches_scipy_with_ties():

@@ -4,8 +4,8 @@ sensitivity, and normalized flat minima, on any JAX/Flax model.
 Shared core: `data`, `models`, `train_lib`, `attacks`, `checks`, `workdir`, `plotting`. Papers:
 `lmt` (Lipschitz analysis of any traced model, certificates, margin losses); `vgc`
 (compression, variance estimators, compressed all-reduce, data-parallel training, cost model);
-`fourier`; `flatness`, `pac_bayes`, `rank_correlation` (normalized flat minima and PAC-Bayes
-bounds).
+`fourier` (Fourier basis, heat maps, black-box universal search); `flatness` (Hessian tools,
+normalized flatness measures, and its submodules `pac_bayes`, `posterior`, `rank_correlation`).
 
 Submodules load on first use (`tsuzuku_jax.lmt`, or `from tsuzuku_jax import lmt`), so importing
 the package loads neither matplotlib, orbax nor scikit-learn.
@@ -14,8 +14,8 @@ the package loads neither matplotlib, orbax nor scikit-learn.
 import importlib
 
 _SUBMODULES = (
-  'attacks', 'checks', 'data', 'flatness', 'fourier', 'lmt', 'models', 'pac_bayes', 'plotting',
-  'rank_correlation', 'train_lib', 'vgc', 'workdir',
+  'attacks', 'checks', 'data', 'flatness', 'fourier', 'lmt', 'models', 'plotting', 'train_lib',
+  'vgc', 'workdir',
 )  # fmt: skip
 
 __all__ = list(_SUBMODULES)

@@ -1,4 +1,5 @@
-"""White-box L2 PGD, robust accuracy, and the empirical check of certified radii.
+"""White-box L2 PGD, robust accuracy, the empirical check of certified radii, and universal
+perturbations (one for every image): random ones and a white-box projected gradient ascent.
 
 `logits_fn` is any JAX function mapping images (B, H, W, C) to logits (B, K), with the model
 parameters closed over by the caller, e.g. `lambda x: model.apply(params, x)`. It must treat
@@ -224,13 +225,8 @@ def robust_accuracy(
 
   This is an upper bound on the true robust accuracy at radius eps (PGD may miss attacks).
 
-  Args:
-    logits_fn: images (B, H, W, C) -> logits (B, K).
-    x: (B, H, W, C) clean images.
-    y: (B,) int labels.
-    eps: scalar or (B,) L2 radii.
-    key: PRNG key for the attack.
-    **pgd_kwargs: forwarded to `pgd_l2` (steps, restarts, step_size, loss, clip_min, clip_max).
+  Arguments as in `pgd_l2` (logits_fn, x (B, H, W, C), y (B,), scalar or (B,) eps, key);
+  `**pgd_kwargs` (steps, restarts, step_size, loss, clip_min, clip_max) are forwarded to it.
 
   Returns:
     () float32 robust accuracy in [0, 1].
@@ -304,14 +300,8 @@ def robust_accuracy_batched(
 ) -> jax.Array:
   """`robust_accuracy` over a large set in chunks of `batch_size` (key folded with chunk index).
 
-  Args:
-    logits_fn: images (N, H, W, C) -> logits (N, K), applied per chunk.
-    x: (N, H, W, C) clean images.
-    y: (N,) int labels.
-    eps: scalar or (N,) L2 radii.
-    key: PRNG key; chunk i uses `jax.random.fold_in(key, i)`.
-    batch_size: examples per chunk.
-    **pgd_kwargs: forwarded to `pgd_l2`.
+  Arguments as in `robust_accuracy`, on N examples, `logits_fn` applied per chunk of
+  `batch_size` examples; chunk i uses `jax.random.fold_in(key, i)`.
 
   Returns:
     () float32 robust accuracy over all N examples.
@@ -327,3 +317,82 @@ def robust_accuracy_batched(
     )
     correct += acc * x[sl].shape[0]
   return correct / n
+
+
+def random_perturbations(key: jax.Array, shape, eps: float, count: int, norm: str = 'l2'):
+  """`count` random perturbations of shape (H, W, C): uniform on the L2 sphere of radius eps,
+  or, with norm='linf', random signs times eps (a corner of the Linf ball)."""
+  if eps < 0:
+    raise ValueError(f'eps must be >= 0, got {eps}')
+  if norm == 'linf':
+    return eps * jax.random.rademacher(key, (count, *shape), jnp.float32)
+  g = jax.random.normal(key, (count, *shape))
+  return eps * g / l2_norm(g).reshape(-1, *(1,) * len(shape))
+
+
+def _project_universal(delta, eps, norm):
+  if norm == 'linf':
+    return jnp.clip(delta, -eps, eps)
+  n = jnp.linalg.norm(delta)
+  return delta * jnp.minimum(1.0, eps / jnp.maximum(n, 1e-30))
+
+
+def whitebox_universal(
+  logits_fn: LogitsFn,
+  images: jax.Array,
+  labels: jax.Array,
+  eps: float,
+  *,
+  key: jax.Array,
+  steps: int = 200,
+  batch: int = 128,
+  step_size: float | None = None,
+  norm: str = 'l2',
+  clip: tuple[float, float] | None = (0.0, 1.0),
+) -> jax.Array:
+  """White-box universal perturbation (the upper reference): projected gradient ascent on the
+  mean cross-entropy of `logits_fn(images + delta)` over minibatches of the images.
+
+  Uses gradients, unlike a black-box search such as `fourier.fourier_attack`. Each step takes a
+  normalised gradient step of `step_size` (default eps / 10; the sign of the gradient for
+  'linf') and projects back onto the eps-ball. Minibatches are drawn with `key`.
+
+  Returns:
+    The (H, W, C) perturbation, with norm <= eps.
+  """
+  box = None if clip is None else tuple(clip)
+  checks.check_images(images, 'images', pixel_range=box, hint=' (or pass clip=None)')
+  checks.check_labels_for(logits_fn, images, labels)
+  if eps < 0 or steps < 1:
+    raise ValueError(f'need eps >= 0 and steps >= 1, got eps={eps}, steps={steps}')
+  if norm not in ('l2', 'linf'):
+    raise ValueError(f"norm must be 'l2' or 'linf', got {norm!r}")
+  images = jnp.asarray(images, jnp.float32)
+  labels = jnp.asarray(labels, jnp.int32)
+  n = images.shape[0]
+  batch = min(batch, n)
+  size = eps / 10 if step_size is None else step_size
+
+  def loss(delta, x, y):
+    z = x + delta
+    if clip is not None:
+      z = jnp.clip(z, *clip)
+    logits = logits_fn(z)
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], -1))
+
+  @jax.jit
+  def run(key):
+    def step(delta, k):
+      idx = jax.random.choice(k, n, (batch,), replace=False)
+      g = jax.grad(loss)(delta, images[idx], labels[idx])
+      if norm == 'linf':
+        g = jnp.sign(g)
+      else:
+        g = g / jnp.maximum(jnp.linalg.norm(g), 1e-30)
+      return _project_universal(delta + size * g, eps, norm), None
+
+    delta0 = jnp.zeros(images.shape[1:], jnp.float32)
+    delta, _ = jax.lax.scan(step, delta0, jax.random.split(key, steps))
+    return delta
+
+  return run(key)

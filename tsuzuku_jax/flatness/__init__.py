@@ -1,0 +1,116 @@
+"""Hessian-vector products and Hessian estimators on parameter pytrees (Tsuzuku, Sato &
+Sugiyama, ICML 2020: normalized flat minima).
+
+Everything here works on a scalar loss `loss_fn(params)` (the data closed over) and on linear
+operators `op(v)` over pytrees shaped like the parameters:
+
+- `hvp`: H v by forward-over-reverse differentiation (`jax.jvp` of `jax.grad`); `hessian_op`
+  linearizes the gradient once so that many probes reuse the primal computation.
+- `normalized_op`: v -> theta * H(theta * v), the Hessian of u -> L(theta * (1 + u)) at u = 0.
+  Its diagonal is theta_i^2 H_ii and its trace sum_i theta_i^2 H_ii = tr(D H D) with
+  D = diag(|theta|): the per-parameter terms that do not change under the rescalings that leave
+  a ReLU network's function unchanged.
+- `hutchinson_trace` / `hutchinson_diagonal`: Rademacher-probe estimates (vmapped over a chunk
+  of probes, chunks mapped), with standard errors.
+- `lanczos` / `top_eigenvalues`: Lanczos with full re-orthogonalisation.
+- `gauss_newton_diagonal`: the exact, non-negative Gauss-Newton diagonal for cross-entropy.
+- `exact_hessian` / `exact_diagonal`: dense references for tiny models (tests).
+
+On anything larger than a tiny model, build the operator inside a jit that takes the
+parameters as an argument, e.g.
+`jax.jit(lambda p: hutchinson_trace(normalized_op(loss_fn, p), p, key).value)(params)`:
+parameters closed over as constants let XLA constant-fold through the network (a CNN's
+max-pool under vmap then takes minutes to compile).
+
+Modules: `hessian` (the paper-free curvature tools: `hvp`, `hessian_op`, Hutchinson, Lanczos,
+Gauss-Newton, dense references), `measures` (`normalized_op`, the measures and `measure_fn`),
+`rescaling` (`rescale_neurons`), `pac_bayes` (PAC-Bayes bound arithmetic on the host),
+`posterior` (fitting, sampling and certifying Gaussian posteriors) and `rank_correlation`
+(Kendall's tau and the granulated tau over a model zoo). The names of `hessian`, `measures` and
+`rescaling` are re-exported here; use `pac_bayes`, `posterior` and `rank_correlation` as modules
+(`from tsuzuku_jax.flatness import pac_bayes, posterior, rank_correlation`).
+"""
+
+from tsuzuku_jax.flatness import (
+  hessian,
+  measures,
+  pac_bayes,
+  posterior,
+  rank_correlation,
+  rescaling,
+)
+from tsuzuku_jax.flatness.hessian import (
+  Estimate,
+  Lanczos,
+  LossFn,
+  Operator,
+  PyTree,
+  exact_diagonal,
+  exact_hessian,
+  gauss_newton_diagonal,
+  hessian_op,
+  hutchinson_diagonal,
+  hutchinson_trace,
+  hvp,
+  lanczos,
+  num_params,
+  per_leaf_random,
+  rademacher_probes,
+  top_eigenvalues,
+)
+from tsuzuku_jax.flatness.measures import (
+  FILTER_MEASURES,
+  NORMALIZED_MEASURES,
+  RAW_MEASURES,
+  filter_normalized_op,
+  filter_scales,
+  inapplicable_measures,
+  matrix_norm_products,
+  measure_fn,
+  normalized_diagonal,
+  normalized_op,
+  path_norm,
+  sharpness_sigma,
+  sigma_optimised,
+)
+from tsuzuku_jax.flatness.rescaling import rescale_neurons
+
+__all__ = [
+  'FILTER_MEASURES',
+  'NORMALIZED_MEASURES',
+  'RAW_MEASURES',
+  'Estimate',
+  'Lanczos',
+  'LossFn',
+  'Operator',
+  'PyTree',
+  'exact_diagonal',
+  'exact_hessian',
+  'filter_normalized_op',
+  'filter_scales',
+  'gauss_newton_diagonal',
+  'hessian',
+  'hessian_op',
+  'hutchinson_diagonal',
+  'hutchinson_trace',
+  'hvp',
+  'inapplicable_measures',
+  'lanczos',
+  'matrix_norm_products',
+  'measure_fn',
+  'measures',
+  'normalized_diagonal',
+  'normalized_op',
+  'num_params',
+  'pac_bayes',
+  'path_norm',
+  'per_leaf_random',
+  'posterior',
+  'rademacher_probes',
+  'rank_correlation',
+  'rescale_neurons',
+  'rescaling',
+  'sharpness_sigma',
+  'sigma_optimised',
+  'top_eigenvalues',
+]
