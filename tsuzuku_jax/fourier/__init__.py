@@ -13,20 +13,19 @@ orthonormal basis of R^{H x W} (a discrete Hartley basis). Frequencies index the
 Images are NHWC in [0, 1] pixel units; norms are in those units. A perturbation of L2 norm eps
 on C channels puts eps * b_uv * s_c / sqrt(C) on channel c, for a sign pattern s in {+1, -1}^C.
 
-Modules: `tsuzuku_jax.fourier.basis` (directions and perturbations), `.heat_map` (Fourier heat
-maps) and `.search` (the black-box universal Fourier attack and its evaluation); the names
-`fourier.basis` and `fourier.heat_map` are the functions. The paper-free baselines the attack is
+Modules: `tsuzuku_jax.fourier.directions` (the basis, directions and perturbations),
+`.sensitivity` (Fourier heat maps) and `.search` (the black-box universal Fourier attack and its
+evaluation). The paper-free baselines the attack is
 compared with, `random_perturbations` and `whitebox_universal`, are in `tsuzuku_jax.attacks`.
 """
 
-from tsuzuku_jax.fourier.basis import (
+from tsuzuku_jax.fourier.directions import (
   all_frequencies,
   basis,
   check_frequency,
   linf_of_unit_direction,
   perturbation,
 )
-from tsuzuku_jax.fourier.heat_map import MODES, LogitsFn, heat_map, image_signs
 from tsuzuku_jax.fourier.search import (
   AttackResult,
   QueryFn,
@@ -37,6 +36,7 @@ from tsuzuku_jax.fourier.search import (
   shifted_fooling_rates,
   sign_patterns,
 )
+from tsuzuku_jax.fourier.sensitivity import MODES, LogitsFn, heat_map, image_signs
 
 __all__ = [
   'MODES',

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tsuzuku_jax import attacks
-from tsuzuku_jax.fourier.basis import (
+from tsuzuku_jax.fourier.directions import (
   _check_inputs,
   _perturb,
   _perturbed,

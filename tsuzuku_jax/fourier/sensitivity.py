@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tsuzuku_jax import checks
-from tsuzuku_jax.fourier.basis import _check_inputs, _perturbed, all_frequencies, basis
+from tsuzuku_jax.fourier.directions import _check_inputs, _perturbed, all_frequencies, basis
 
 LogitsFn = Callable[[jax.Array], jax.Array]
 MODES = ('random_sign', 'per_channel')
