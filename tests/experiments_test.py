@@ -1,12 +1,16 @@
 """The LMT launcher: flag validation before any work, a tiny end-to-end run, and the workdir as
 a record (refusing other runs with one line, nothing on disk touched; --overwrite; resume)."""
 
+import dataclasses
 import json
 import os
+import re
 
 import numpy as np
 import pytest
 from launcher import assert_one_line_error, run_script, tree_hashes
+
+from tsuzuku_jax.lmt import experiment
 
 ROOT = os.path.join(os.path.dirname(__file__), '..')
 SCRIPT = os.path.join(ROOT, 'experiments', 'lmt.py')
@@ -36,27 +40,57 @@ def finished(tmp_path_factory):
   return workdir, out
 
 
+# One launch per kind of failure (absl's parse errors, the launcher's list parsing, the Config's
+# own checks, the dataset): each must be one line before any work. The Config's other checks
+# are tested in-process below (a launch costs seconds of imports).
 @pytest.mark.parametrize(
   'flag, message',
   [
-    ('--dataset=imagenet21k', '--dataset'),
     ('--dataset=npz:/no/such/file.npz', '/no/such/file.npz'),
     ('--c=0', '--c must be positive'),
-    ('--c=-0.5', '--c must be positive'),
     ('--eps=0.1,abc', '--eps must be a comma-separated list of numbers'),
-    ('--eps=-1', '--eps must be non-negative'),
-    ('--hidden=32,x', '--hidden'),
     ('--steps=abc', "flag --steps=abc: invalid literal for int() with base 10: 'abc'"),
     ('--model=resnet', 'flag --model=resnet: value should be one of <mlp|cnn|wrn|liresnet>'),
     ('--stepz=3', "Unknown command line flag 'stepz'"),
-    ('--model=wrn --depth=11', '--depth of a WideResNet must be 6n + 4 >= 10, got 11'),
-    ('--model=liresnet --width=3', '--width (LiResNet channels) must be a positive even number'),
   ],
 )
 def test_bad_flag_gives_one_clear_line(tmp_path, flag, message):
   proc = _run(f'--workdir={tmp_path}', *flag.split(), check=False)
   assert_one_line_error(proc, message)
   assert os.listdir(tmp_path) == []  # no work started, nothing written
+
+
+@pytest.mark.parametrize(
+  'fields, message',
+  [
+    (dict(c=0.0), 'c must be positive, got 0.0'),
+    (dict(c=-0.5), 'c must be positive'),
+    (dict(eps=(-1.0,)), 'eps must be non-negative radii'),
+    (dict(eps=()), 'eps must be non-negative radii'),
+    (dict(hidden=(32, 0)), 'hidden must be positive integers'),
+    (dict(model='wrn', depth=11), 'depth of a WideResNet must be 6n + 4 >= 10, got 11'),
+    (dict(model='liresnet', width=3), 'width (LiResNet channels) must be a positive even number'),
+    (dict(dense=0), 'dense must be positive'),
+    (dict(form='spectral'), 'form must be one of'),
+    (dict(steps=0), 'steps must be positive'),
+  ],
+)
+def test_config_names_the_bad_field(fields, message):
+  with pytest.raises(ValueError, match=re.escape(message)):
+    experiment.Config(**fields)
+
+
+def test_config_from_notebook_runs_the_same_experiment(tmp_path):
+  # The launcher is flags -> Config -> run: the same run from Python, resumable, refusing others.
+  tiny = dict(steps=4, hidden=(8,), log_every=2, checkpoint_every=4, pgd_steps=2, pgd_restarts=1)
+  config = experiment.Config(**tiny, attack_examples=20, eps=(0.1,), baseline=False)
+  lines = []
+  results = experiment.run(config, str(tmp_path), log=lines.append)
+  assert results['config']['steps'] == 4 and set(results) >= {'lmt', 'config', 'eps'}
+  assert 'baseline' not in results and (tmp_path / 'results.json').exists()
+  assert experiment.run(config, str(tmp_path), log=lines.append) is None  # complete: nothing
+  with pytest.raises(ValueError, match='c=0.5; this one has c=1.0'):
+    experiment.run(dataclasses.replace(config, c=1.0), str(tmp_path), log=lines.append)
 
 
 def test_help_still_prints_the_flags():
@@ -92,7 +126,7 @@ def test_end_to_end_digits(finished):
   assert 'step 30/30' in out
   results = json.loads((workdir / 'results.json').read_text())
   assert results['experiment'] == 'lmt'
-  assert results['flags']['steps'] == 30 and results['flags']['hidden'] == ['32']
+  assert results['config']['steps'] == 30 and results['config']['hidden'] == [32]
   record = json.loads((workdir / 'run.json').read_text())
   assert record['experiment'] == 'lmt' and record['config']['steps'] == 30
   assert record['data']['train']['examples'] == 1347 and record['data']['test']['examples'] == 450
