@@ -1,0 +1,257 @@
+"""The VGC experiment: one data-parallel training per (method, seed) with a compressed gradient
+exchange, the byte and accuracy summary, and the modelled speed-ups; `run(Config(...),
+workdir)` from a notebook, or `experiments/vgc.py` from flags.
+
+Each run trains on all devices (one worker per device), or on `workers` simulated workers on
+one device (`simulate`), and writes WORKDIR/<method>/seed<k>.json (read back when it exists: an
+interrupted sweep resumes where it stopped), WORKDIR/results.json (accuracy, cumulative
+compression ratios, density, overflow, modelled speed-ups per method) and
+WORKDIR/accuracy_vs_compression.png. WORKDIR/run.json records the run: a later call resumes
+only the same configuration, data and number of workers.
+"""
+
+import dataclasses
+import functools
+import json
+import os
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tsuzuku_jax import checks, data, models, train_lib, workdir
+from tsuzuku_jax.vgc import compression, cost_model
+from tsuzuku_jax.vgc import data_parallel as dp
+
+_print = functools.partial(print, flush=True)
+NEUTRAL = ('eval_every', 'overwrite', 'workdir')
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Everything that defines a VGC sweep (the launcher's flags, one field each)."""
+
+  dataset: str = 'digits'
+  model: str = 'mlp'  # 'mlp' | 'cnn' (no batch norm)
+  hidden: tuple[int, ...] = (256,)
+  channels: tuple[int, ...] = (32, 64)
+  dense: int = 128
+  methods: tuple[str, ...] = ('dense', 'vgc')  # any of compression.METHODS
+  seeds: tuple[int, ...] = (0,)
+  alpha: float = 2.0  # vgc/hybrid: send when r^2 > alpha v
+  zeta: float = 0.999  # vgc/hybrid: decay of v for unsent elements
+  tau: float = 0.01  # strom/hybrid: threshold on |r|
+  density: float = 0.001  # topk: fraction sent per tensor
+  capacity: float = 0.05  # vgc/strom/hybrid: slots per tensor (fraction)
+  quantize: bool | None = None  # 4-bit codes; None: the method's default
+  estimator: str = 'cheap'  # 'cheap' | 'microbatch' | 'per_example'
+  microbatches: int = 4
+  workers: int = 0  # 0: one per device
+  simulate: bool = False  # run the workers as a vmap on one device
+  steps: int = 2000
+  batch_size: int = 128
+  learning_rate: float = 0.05
+  schedule: str = 'cosine'
+  momentum: float = 0.9
+  momentum_on: str = 'update'
+  weight_decay: float = 0.0
+  weight_decay_on: str = 'update'
+  eval_every: int = 100
+  # The speed-up model's reference network (ASSUMED accelerator figures, not measured here).
+  reference_params: float = 25e6
+  reference_t_compute_ms: float = 85.0
+  reference_memory_gbs: float = 3350.0
+  reference_compress_over_floor: float = 1.5
+
+  def __post_init__(self):
+    """One message per bad field, naming it (the launcher prefixes '--')."""
+    for m in self.methods:
+      if m not in compression.METHODS:
+        raise ValueError(f'methods: unknown method {m!r}; choose from {compression.METHODS}')
+    checks_ = [
+      (self.model in ('mlp', 'cnn'), f"model must be 'mlp' or 'cnn', got {self.model!r}"),
+      (bool(self.methods), 'methods must name at least one method'),
+      (bool(self.seeds) and all(s >= 0 for s in self.seeds),
+       f'seeds must be non-negative integers, got {self.seeds}'),
+      (all(h > 0 for h in self.hidden), f'hidden must be positive integers, got {self.hidden}'),
+      (all(c > 0 for c in self.channels),
+       f'channels must be positive integers, got {self.channels}'),
+      (self.workers >= 0, f'workers must be >= 0, got {self.workers}'),
+    ]  # fmt: skip
+    for ok, msg in checks_:
+      if not ok:
+        raise ValueError(msg)
+    for m in ('vgc', *self.methods):  # alpha, zeta, ... batch_size against the workers
+      self.run_config(m, 0, max(self.workers, 1))
+
+  def run_config(self, method: str, seed: int, workers: int) -> dp.DPConfig:
+    names = {f.name for f in dataclasses.fields(dp.DPConfig)} - {'method', 'seed', 'workers'}
+    return dp.DPConfig(
+      method=method, seed=seed, workers=workers, **{n: getattr(self, n) for n in names}
+    )
+
+
+def build_model(config: Config, num_classes: int):
+  if config.model == 'mlp':
+    return models.MLP(num_classes, hidden=tuple(config.hidden))
+  return models.CNN(num_classes, tuple(config.channels), config.dense, batch_norm=False)
+
+
+def _one_run(config, method, seed, workers, model, train, test, path, log) -> dict:
+  """One (method, seed) training, or its record read back; a divergence is recorded."""
+  dpc = config.run_config(method, seed, workers)
+  if os.path.exists(path):
+    with open(path) as f:
+      record = json.load(f)
+    if record['config'] != workdir.normalize(dpc.__dict__):
+      raise workdir.WorkdirMismatch(
+        f'workdir: {path} was written with other settings; use a new workdir'
+      )
+    log(f'{method} seed {seed}: done before ({path})')
+    return record
+  apply_fn = lambda p, x: model.apply({'params': p}, x)  # noqa: E731
+
+  def loss_fn(p, b):
+    logits = apply_fn(p, b['image'])
+    loss = train_lib.cross_entropy(logits, b['label'])
+    return loss, jnp.mean(jnp.argmax(logits, -1) == b['label'])
+
+  params = model.init(jax.random.key(seed), train[0][:1])['params']
+  try:
+    _, hist = dp.train(loss_fn, apply_fn, params, dpc, train, test)
+  except FloatingPointError as e:
+    log(f'error: {e}; recorded as diverged')
+    record = {'config': dpc.__dict__, 'diverged': str(e)}
+  else:
+    local = {'image': train[0][: dpc.batch_size // workers]}
+    local['label'] = train[1][: dpc.batch_size // workers]
+    times = cost_model.measure_worker_times(loss_fn, params, local, dpc)
+    record = {'config': dpc.__dict__, 'history': hist, 'times': times}
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  workdir.write_json(path, record)
+  return record
+
+
+def run(
+  config: Config,
+  path: str,
+  *,
+  overwrite: bool = False,
+  log: Callable[[str], None] = _print,
+  cli: bool = False,
+) -> dict | None:
+  """Runs (or resumes, or finds complete) the sweep in `path`; returns the results dict (None
+  when `path` already holds this run complete).
+
+  Raises:
+    InvalidInput: `workers` does not match the devices without `simulate`, or `batch_size`
+      does not split over the workers. WorkdirMismatch: `path` holds another run.
+  """
+  from tsuzuku_jax import plotting  # matplotlib: only when an experiment runs
+
+  pre = '--' if cli else ''
+  workers = config.workers or jax.device_count()
+  if not config.simulate and workers != jax.device_count():
+    raise checks.InvalidInput(
+      f'{pre}workers={workers} but there are {jax.device_count()} devices: use {pre}simulate'
+    )
+  if config.batch_size % workers:
+    raise checks.InvalidInput(
+      f'{pre}batch_size={config.batch_size} is not divisible by {workers} workers'
+    )
+  train, test = (data.load(config.dataset, s) for s in ('train', 'test'))
+  identity = data.identity(config.dataset, train=train, test=test)
+  record = workdir.open_run(
+    path, 'vgc', {**dataclasses.asdict(config), 'workers_resolved': workers}, identity,
+    neutral=NEUTRAL, overwrite=overwrite, prefix=pre,
+    how=('use a new --workdir, or add --overwrite to move the old run aside' if cli else
+         'use a new workdir, or overwrite=True to move the old run aside'),
+    name=f'{pre}workdir',
+  )  # fmt: skip
+  if record.moved_to:
+    log(f'moved the previous run in {path} to {record.moved_to}')
+  results_path = os.path.join(path, 'results.json')
+  if record.resumed and os.path.exists(results_path):
+    log(f'{path} holds this run, complete: {results_path} (overwrite redoes it)')
+    return None
+  model = build_model(config, data.num_classes(train[1]))
+  results = {'config': dataclasses.asdict(config), 'workers': workers, 'methods': {}}
+  results['device'] = jax.devices()[0].device_kind
+  curves, points = {}, {}
+  for method in config.methods:
+    runs = [
+      _one_run(config, method, seed, workers, model, train, test,
+               os.path.join(path, method, f'seed{seed}.json'), log)
+      for seed in config.seeds
+    ]  # fmt: skip
+    diverged = [r['diverged'] for r in runs if 'diverged' in r]
+    runs = [r for r in runs if 'diverged' not in r]
+    if not runs:
+      results['methods'][method] = {'diverged': diverged}
+      continue
+    s = {**summarise(runs, workers, config), 'diverged': diverged}
+    results['methods'][method] = s
+    curves[method] = (runs[0]['history']['ratio_ideal'], runs[0]['history']['test_accuracy'])
+    points[method] = ([r['history']['ratio_ideal'][-1] for r in runs],)
+    points[method] += ([r['history']['test_accuracy'][-1] for r in runs],)
+    log(
+      f'== {method}: test acc {s["accuracy_mean"]:.4f} +- {s["accuracy_std"]:.4f} '
+      f'bytes ratio {s["ratio_ideal"]:.1f}x (static {s["ratio_static"]:.1f}x) '
+      f'elements {s["ratio_elements"]:.1f}x overflow {s["overflow_total"]:.0f}'
+    )
+  plotting.plot_accuracy_vs_compression(
+    curves, points, os.path.join(path, 'accuracy_vs_compression.png'), title=config.dataset
+  )
+  workdir.write_json(results_path, {'experiment': 'vgc', **results})
+  log(f'wrote {results_path}')
+  return results
+
+
+def _speedups(runs: list[dict], workers: int, config: Config, sizes: dict, times: dict) -> dict:
+  # The reference model (a 25M-parameter network on an accelerator): compute time, memory
+  # bandwidth and compress-over-floor factor are ASSUMED (config); the compression ratio and
+  # the variance estimate's relative cost are the ones measured here.
+  ref_d = config.reference_params
+  ref_t = config.reference_t_compute_ms / 1e3
+  ref_compress = 24 * ref_d / (config.reference_memory_gbs * 1e9)
+  ref_compress *= config.reference_compress_over_floor
+  ref_var = ref_t * times['t_variance'] / max(times['t_compute'], 1e-12)
+  speedups = {}
+  if runs[0]['config']['method'] != 'dense':
+    dense = sizes['dense']
+    for name in ('ideal', 'static'):
+      own = cost_model.StepModel(dense, sizes[name], workers, **times)
+      ref = cost_model.StepModel(4 * ref_d, 4 * ref_d * sizes[name] / dense, workers, ref_t)
+      ref = dataclasses.replace(ref, t_compress=ref_compress, t_variance=ref_var)
+      speedups[f'this_model_{name}'] = cost_model.speedup_table(own)
+      speedups[f'reference_model_{name}'] = cost_model.speedup_table(ref)
+  return speedups
+
+
+def summarise(runs: list[dict], workers: int, config: Config) -> dict:
+  """Accuracy, byte and element ratios, density, overflow and modelled speed-ups of the seeds
+  of one method."""
+  hist = [r['history'] for r in runs]
+  acc = [h['test_accuracy'][-1] for h in hist]
+  tot = [h['totals'] for h in hist]
+  steps = len(hist[0]['density'])
+  sizes = {k: np.mean([t[f'{k}_bytes'] for t in tot]) / steps for k in ('dense', 'ideal', 'static')}
+  times = {k: float(np.median([r['times'][k] for r in runs])) for k in runs[0]['times']}
+  return {
+    'accuracy': acc,
+    'accuracy_mean': float(np.mean(acc)),
+    'accuracy_std': float(np.std(acc)),
+    'ratio_ideal': float(np.mean([t['dense_bytes'] / t['ideal_bytes'] for t in tot])),
+    'ratio_static': float(np.mean([t['dense_bytes'] / t['static_bytes'] for t in tot])),
+    'ratio_elements': float(np.mean([t['elements'] / max(t['sent'], 1) for t in tot])),
+    'density_mean': float(np.mean([np.mean(h['density']) for h in hist])),
+    'density_last_10pct': float(
+      np.mean([np.mean(h['density'][-max(steps // 10, 1) :]) for h in hist])
+    ),
+    'overflow_total': float(np.mean([t['overflow'] for t in tot])),
+    'density_per_step': np.mean([h['density'] for h in hist], 0).tolist(),  # mean over seeds
+    'times': times,
+    # This model (measured times) and the ASSUMED reference model.
+    'speedup': _speedups(runs, workers, config, sizes, times),
+  }
