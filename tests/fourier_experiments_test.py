@@ -1,10 +1,16 @@
-"""The Fourier launcher: flag validation before any work, and a tiny end-to-end run."""
+"""The Fourier experiment: flag validation before any work (one launch per kind of failure), the
+Config's checks in-process, a tiny end-to-end launch, and the same run from Python."""
 
+import dataclasses
 import json
 import os
+import re
 
 import pytest
 from launcher import assert_one_line_error, run_script, tree_hashes
+
+from tsuzuku_jax import checks
+from tsuzuku_jax.fourier import experiment
 
 ROOT = os.path.join(os.path.dirname(__file__), '..')
 SCRIPT = os.path.join(ROOT, 'experiments', 'fourier.py')
@@ -16,23 +22,55 @@ def _run(*args, check=True):
   return run_script(SCRIPT, *args, check=check)
 
 
+# One launch per kind of failure (absl's parse errors, the launcher's list parsing, the Config's
+# own checks, the dataset, the check against the loaded data): each must be one line before any
+# work. The Config's other checks are tested in-process below (a launch costs seconds).
 @pytest.mark.parametrize(
   'flag, message',
   [
-    ('--eps=-1', '--eps'),
-    ('--eps=a', '--eps'),
+    ('--eps=a', '--eps must be numbers or "auto"'),
     ('--dataset=npz:/no/such.npz', '/no/such.npz'),
-    ('--channels=4,x', '--channels'),
-    ('--linf_equivalent=4/0', '--linf_equivalent'),
-    ('--random_target=1', '--random_target'),
-    ('--shift_stride=0', '--shift_stride'),
-    ('--heldout_images=-1', '--heldout_images'),
+    ('--random_target=1', '--random_target must be in [0, 1)'),
+    ('--search=foo', 'flag --search=foo: value should be one of <exhaustive|halving>'),
+    ('--search_images=450', '--search_images must be < the 450 test images'),
   ],
 )
 def test_bad_flag_gives_one_clear_line(tmp_path, flag, message):
   proc = _run(f'--flagfile={FLAGFILE}', f'--workdir={tmp_path}', flag, check=False)
   assert_one_line_error(proc, message)
   assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+  'fields, message',
+  [
+    (dict(eps=(-1.0,)), 'eps must be non-negative norms or "auto", got (-1.0,)'),
+    (dict(eps=('a',)), 'eps must be non-negative norms or "auto"'),
+    (dict(eps=()), 'eps must hold at least one norm when linf_equivalent is empty'),
+    (dict(linf_equivalent=('4/0',)), 'linf_equivalent must be positive numbers or fractions'),
+    (dict(linf_equivalent=('-1',)), 'linf_equivalent must be positive numbers or fractions'),
+    (dict(linf_equivalent=('x',)), 'linf_equivalent must be positive numbers or fractions'),
+    (dict(channels=(4, 0)), 'channels must be positive integers'),
+    (dict(dense=0), 'dense must be positive'),
+    (dict(random_target=1.0), 'random_target must be in [0, 1), got 1.0'),
+    (dict(heat_map_images=-1), 'heat_map_images must be >= 0 (0: all), got -1'),
+    (dict(heldout_images=-1), 'heldout_images must be >= 0 (0: all), got -1'),
+    (dict(shift_stride=0), 'shift_stride must be >= 1, got 0'),
+    (dict(search_images=0), 'search_images must be positive'),
+    (dict(search='random'), 'search must be one of'),
+    (dict(eta=1), 'eta must be >= 2'),
+    (dict(random_trials=0), 'random_trials must be positive'),
+    (dict(steps=0), 'steps must be positive'),
+  ],
+)
+def test_config_names_the_bad_field(fields, message):
+  with pytest.raises(ValueError, match=re.escape(message)):
+    experiment.Config(**fields)
+
+
+def test_config_accepts_linf_only_and_fractions():
+  config = experiment.Config(eps=(), linf_equivalent=('4/255', '0.5'))
+  assert experiment.fraction(config.linf_equivalent[0]) == 4 / 255
 
 
 def test_tiny_run(tmp_path):
@@ -47,6 +85,9 @@ def test_tiny_run(tmp_path):
   )
   results = json.loads((tmp_path / 'results.json').read_text())
   assert results['experiment'] == 'fourier'
+  config = results['config']
+  assert config['eps'] == ['auto', 1.4] and config['linf_equivalent'] == ['1/8']
+  assert config['channels'] == [4, 8] and config['steps'] == 30 and config['search'] == 'halving'
   auto, given, linf = results['per_eps'].values()
   assert auto['eps_choice'].startswith('auto') and auto['random_heldout_fooling_mean'] <= 0.05
   assert given['eps'] == 1.4 and linf['eps'] == pytest.approx(0.125 * 32**0.5)
@@ -63,3 +104,25 @@ def test_tiny_run(tmp_path):
   assert_one_line_error(proc, '--workdir', '--channels=4,8; this one has --channels=2,4')
   assert tree_hashes(tmp_path) == before
   assert os.listdir(tmp_path / 'model' / 'checkpoints') == ['30']
+
+
+def test_config_from_notebook_runs_the_same_experiment(tmp_path):
+  # The launcher is flags -> Config -> run: the same run from Python, resumable, refusing others.
+  config = experiment.Config(
+    steps=4, channels=(2,), dense=8, eps=(1.0,), search='halving', first_images=4,
+    search_images=16, heldout_images=20, heat_map_images=16, shift_stride=4, random_trials=2,
+    uap_steps=2,
+  )  # fmt: skip
+  with pytest.raises(checks.InvalidInput, match='search_images must be < the 450 test images'):
+    experiment.run(dataclasses.replace(config, search_images=450), str(tmp_path))
+  assert os.listdir(tmp_path) == []
+  lines = []
+  results = experiment.run(config, str(tmp_path), log=lines.append)
+  assert results['config']['steps'] == 4 and results['config']['eps'] == (1.0,)
+  assert list(results['per_eps']) == ['1'] and results['heldout_images'] == 20
+  assert (tmp_path / 'results.json').exists() and (tmp_path / 'fourier.png').exists()
+  assert lines[-1] == f'wrote {tmp_path / "results.json"}'
+  assert experiment.run(config, str(tmp_path), log=lines.append) is None  # complete: nothing
+  assert 'overwrite=True redoes it' in lines[-1]
+  with pytest.raises(ValueError, match='seed=0; this one has seed=1'):
+    experiment.run(dataclasses.replace(config, seed=1), str(tmp_path), log=lines.append)
