@@ -3,6 +3,7 @@ the JSON-lines trim used on resume."""
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -35,6 +36,8 @@ def test_new_then_resume(tmp_path):
     ({'a': 1, 'b': [1, 3]}, None, '--b=1,2; this one has --b=1,3'),
     ({'a': 1, 'b': [1, 2], 'c': 0}, None, '--c=<absent>; this one has --c=0'),
     (None, {**DATA, 'train': {'examples': 3, 'fingerprint': 'ab'}}, 'train.fingerprint was aa'),
+    # Values that print alike but differ in type (a string list recorded by an older launcher).
+    ({'a': 1, 'b': ['1', '2']}, None, re.escape('--b=[1, 2]; this one has --b=["1", "2"]')),
   ],
 )
 def test_first_difference_named_and_nothing_touched(tmp_path, config, data_id, message):

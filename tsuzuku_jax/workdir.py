@@ -206,9 +206,12 @@ def _mismatch(workdir, name, old: dict | None, new: dict, neutral: set, prefix) 
   d = _first_difference(keep(old.get('config')), keep(new['config']))
   if d:
     key, was, now = d
+    show = _show
+    if _show(was) == _show(now):  # e.g. ['32', '64'] recorded by an older launcher vs [32, 64]
+      show = json.dumps
     return (
-      f'{where} holds a run with {prefix}{key}={_show(was)}; this one has '
-      f'{prefix}{key}={_show(now)}'
+      f'{where} holds a run with {prefix}{key}={show(was)}; this one has '
+      f'{prefix}{key}={show(now)}'
     )
   d = _first_difference(old.get('data'), new['data'])
   if d:
