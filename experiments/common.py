@@ -11,14 +11,16 @@ A launcher defines its flags, then calls `common.run(main)` instead of `absl.app
 - `write_results(results)` writes `WORKDIR/results.json` atomically, with the experiment name.
 """
 
+import dataclasses
 import os
 import sys
+from collections.abc import Callable
 
 from absl import app, flags
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 
-from tsuzuku_jax import checks, train_lib, workdir  # noqa: E402
+from tsuzuku_jax import checks, data, train_lib, workdir  # noqa: E402
 
 OVERWRITE = flags.DEFINE_bool(
   'overwrite',
@@ -132,3 +134,35 @@ def write_results(experiment: str, results: dict) -> str:
   workdir.write_json(path, {'experiment': experiment, **results})
   print(f'wrote {path}', flush=True)
   return path
+
+
+def config_from_flags(cls, lists: dict[str, tuple[Callable, str]] = (), **given):
+  """An experiment's Config from the flags of the same names: one clear line per bad flag,
+  before any work.
+
+  Args:
+    cls: the experiment's frozen Config dataclass (its fields are the launcher's flags).
+    lists: list flags to convert, {name: (element type, what they must be)}; a value that does
+      not convert is reported as `--name must be WHAT, got [...]`.
+    **given: values that do not come from a flag of the same name (already converted).
+
+  Raises:
+    app.UsageError: --workdir missing or unwritable, an unknown dataset, a list element that
+      does not convert, or a value the Config refuses (its message, prefixed with '--').
+  """
+  check_workdir()
+  names = [f.name for f in dataclasses.fields(cls) if f.name not in given]
+  values = {n: getattr(flags.FLAGS, n) for n in names} | given
+  try:
+    data.validate_name(values['dataset'])
+  except (ValueError, FileNotFoundError) as e:
+    raise app.UsageError(f'--dataset: {e}') from None
+  for name, (kind, what) in dict(lists).items():
+    try:
+      values[name] = tuple(kind(v) for v in values[name])
+    except ValueError:
+      raise app.UsageError(f'--{name} must be {what}, got {values[name]}') from None
+  try:
+    return cls(**values)
+  except ValueError as e:
+    raise app.UsageError(f'--{e}') from None

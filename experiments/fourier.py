@@ -9,9 +9,8 @@ only the same flags and data (see experiments/common.py).
 """
 
 import common
-from absl import app, flags, logging
+from absl import flags, logging
 
-from tsuzuku_jax import data
 from tsuzuku_jax.fourier import experiment
 
 D = experiment.Config()  # the defaults
@@ -56,30 +55,11 @@ def _norm(text: str) -> float | str:
   return 'auto' if text == 'auto' else float(text)
 
 
-def config_from_flags() -> experiment.Config:
-  """The Config of the given flags; one clear line per bad flag, before any work."""
-  common.check_workdir()
-  values = {f.name: getattr(flags.FLAGS, f.name) for f in experiment.dataclasses.fields(D)}
-  try:
-    data.validate_name(values['dataset'])
-  except (ValueError, FileNotFoundError) as e:
-    raise app.UsageError(f'--dataset: {e}') from None
-  lists = [('channels', int, 'positive integers'), ('eps', _norm, 'numbers or "auto"'),
-           ('linf_equivalent', str, '')]  # fmt: skip
-  for name, kind, what in lists:
-    try:
-      values[name] = tuple(kind(v) for v in values[name])
-    except ValueError:
-      raise app.UsageError(f'--{name} must be {what}, got {values[name]}') from None
-  try:
-    return experiment.Config(**values)
-  except ValueError as e:
-    raise app.UsageError(f'--{e}') from None
-
-
 def main(argv):
   del argv
-  config = config_from_flags()
+  lists = {'channels': (int, 'positive integers'), 'eps': (_norm, 'numbers or "auto"'),
+           'linf_equivalent': (str, '')}  # fmt: skip
+  config = common.config_from_flags(experiment.Config, lists)
   logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
   experiment.run(config, _WORKDIR.value, overwrite=common.OVERWRITE.value, cli=True)
 

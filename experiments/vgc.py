@@ -7,12 +7,9 @@ writes: that module's docstring). WORKDIR/run.json records the run: a later invo
 only the same flags, data and number of workers (see experiments/common.py).
 """
 
-import dataclasses
-
 import common
 from absl import app, flags
 
-from tsuzuku_jax import data
 from tsuzuku_jax.vgc import compression, experiment
 
 D = experiment.Config()  # the defaults
@@ -52,29 +49,17 @@ flags.DEFINE_float(
 )
 
 
-def config_from_flags() -> experiment.Config:
-  """The Config of the given flags; one clear line per bad flag, before any work."""
-  common.check_workdir()
-  values = {f.name: getattr(flags.FLAGS, f.name) for f in dataclasses.fields(D)}
-  values['quantize'] = {'default': None, 'true': True, 'false': False}[_QUANTIZE.value]
-  try:
-    data.validate_name(values['dataset'])
-  except (ValueError, FileNotFoundError) as e:
-    raise app.UsageError(f'--dataset: {e}') from None
-  values['methods'] = tuple(values['methods'])
-  for name in ('hidden', 'channels', 'seeds'):
-    if not values[name] or not all(v.isdigit() for v in values[name]):
-      raise app.UsageError(f'--{name} must be non-negative integers, got {values[name]}')
-    values[name] = tuple(int(v) for v in values[name])
-  try:
-    return experiment.Config(**values)
-  except ValueError as e:
-    raise app.UsageError(f'--{e}') from None
-
-
 def main(argv):
   del argv
-  config = config_from_flags()
+  for name in ('hidden', 'channels', 'seeds'):
+    value = getattr(flags.FLAGS, name)
+    if not value or not all(v.isdigit() for v in value):
+      raise app.UsageError(f'--{name} must be non-negative integers, got {value}')
+  quantize = {'default': None, 'true': True, 'false': False}[_QUANTIZE.value]
+  lists = {n: (int, 'non-negative integers') for n in ('hidden', 'channels', 'seeds')}
+  config = common.config_from_flags(
+    experiment.Config, lists | {'methods': (str, '')}, quantize=quantize
+  )
   if _DISTRIBUTED.value:
     import jax
 
