@@ -1,10 +1,15 @@
-"""The flatness launcher: flag validation before any work, a tiny zoo end to end, resume."""
+"""The flatness experiment: flag validation before any work (the launcher) and the Config's own
+checks, a tiny zoo end to end from flags, resume, and the same run from Python."""
 
+import dataclasses
 import json
 import os
+import re
 
 import pytest
 from launcher import assert_one_line_error, run_script, tree_hashes
+
+from tsuzuku_jax.flatness import experiment
 
 ROOT = os.path.join(os.path.dirname(__file__), '..')
 SCRIPT = os.path.join(ROOT, 'experiments', 'flatness.py')
@@ -21,15 +26,15 @@ def _run(*args, check=True):
   return run_script(SCRIPT, f'--flagfile={FLAGFILE}', *args, check=check)
 
 
+# One launch per kind of failure (absl's parse errors, the launcher's list parsing, the Config's
+# own checks, the dataset): each must be one line before any work. The Config's other checks
+# are tested in-process below (a launch costs seconds of imports).
 @pytest.mark.parametrize(
   'flag, message',
   [
-    ('--widths=16,x', '--widths'),
-    ('--label_noises=1.5', '--label_noises'),
-    ('--learning_rates=0', '--learning_rates'),
-    ('--probes=0', '--probes'),
-    ('--delta=1', '--delta'),
-    ('--prior_fraction=1', '--prior_fraction'),
+    ('--widths=16,x', "--widths must be a list of ints, got ['16', 'x']"),
+    ('--label_noises=1.5', '--label_noises must be fractions in [0, 1], got (1.5,)'),
+    ('--probes=abc', "flag --probes=abc: invalid literal for int() with base 10: 'abc'"),
     ('--dataset=npz:/no/such.npz', '/no/such.npz'),
   ],
 )
@@ -39,11 +44,65 @@ def test_bad_flag_gives_one_clear_line(tmp_path, flag, message):
   assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize(
+  'fields, message',
+  [
+    (dict(widths=(16, 0)), 'widths must be positive integers, got (16, 0)'),
+    (dict(depths=()), 'depths must be positive integers'),
+    (dict(learning_rates=(0.0,)), 'learning_rates must be positive numbers'),
+    (dict(batch_sizes=(0,)), 'batch_sizes must be positive integers'),
+    (dict(weight_decays=(-1e-4,)), 'weight_decays must be numbers >= 0'),
+    (dict(label_noises=(0.0, 1.5)), 'label_noises must be fractions in [0, 1]'),
+    (dict(seeds=(-1,)), 'seeds must be integers >= 0'),
+    (dict(bound_hidden=(0,)), 'bound_hidden must be positive integers'),
+    (dict(prior_sigmas=()), 'prior_sigmas must be positive numbers'),
+    (dict(probes=0), 'probes must be >= 1, got 0'),
+    (dict(max_steps=0), 'max_steps must be >= 1'),
+    (dict(mc_samples=0), 'mc_samples must be >= 1'),
+    (dict(prior_fraction=1.0), 'prior_fraction must be in (0, 1), got 1.0'),
+    (dict(delta=1.0), 'delta (a confidence) must be in (0, 1), got 1.0'),
+    (dict(delta_mc=0.0), 'delta_mc (a confidence) must be in (0, 1)'),
+    (dict(rescale=0.5), 'rescale must be >= 1, got 0.5'),
+  ],
+)
+def test_config_names_the_bad_field(fields, message):
+  with pytest.raises(ValueError, match=re.escape(message)):
+    experiment.Config(**fields)
+
+
+def test_launcher_defaults_are_the_config_defaults():
+  # The flags are defined from the Config: the flag file's values give the Config defaults.
+  config = experiment.Config()
+  assert config.widths == (64, 256) and config.weight_decays == (0.0, 1e-4)
+  assert config.prior_sigmas == (0.01, 0.03, 0.1) and config.bound_hidden == (256,)
+
+
+def test_config_from_notebook_runs_the_same_experiment(tmp_path):
+  # The launcher is flags -> Config -> run: the same run from Python, resumable, refusing others.
+  config = experiment.Config(
+    widths=(8,), depths=(1,), learning_rates=(0.1,), batch_sizes=(64,), weight_decays=(0.0,),
+    label_noises=(0.0, 0.2), seeds=(0,), max_steps=20, check_every=10, probes=2,
+    lanczos_iters=2, sharpness_samples=1, sharpness_iters=2, bound_hidden=(8,), prior_steps=10,
+    posterior_steps=5, mc_samples=5, prior_sigmas=(0.03,),
+  )  # fmt: skip
+  lines = []
+  results = experiment.run(config, str(tmp_path), log=lines.append)
+  assert results['config']['widths'] == (8,) and results['zoo']['models'] == 2
+  assert sum('] w8_d1' in line for line in lines) == 2 and len(results['bound']['rows']) == 2
+  assert json.loads((tmp_path / 'results.json').read_text())['config']['widths'] == [8]
+  assert (tmp_path / 'flatness.png').exists() and len(list(tmp_path.glob('zoo/*/model.json'))) == 2
+  assert experiment.run(config, str(tmp_path), log=lines.append) is None  # complete: nothing
+  with pytest.raises(ValueError, match='seeds=0; this one has seeds=0,1'):
+    experiment.run(dataclasses.replace(config, seeds=(0, 1)), str(tmp_path), log=lines.append)
+
+
 def test_tiny_zoo_and_bound_then_resume(tmp_path):
   out = _run(f'--workdir={tmp_path}', *TINY).stdout
   assert out.count('] w16_d2') == 4
   results = json.loads((tmp_path / 'results.json').read_text())
   assert results['experiment'] == 'flatness'
+  assert results['config']['widths'] == [16] and results['config']['label_noises'] == [0, 0.2]
+  assert results['config']['max_steps'] == 300 and 'flags' not in results
   zoo = results['zoo']
   assert zoo['models'] == 4 and zoo['diverged'] == 0
   assert zoo['converged'] + len(zoo['not_converged']) == 4

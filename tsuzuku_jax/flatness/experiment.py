@@ -1,0 +1,229 @@
+"""The flat-minima experiment: normalized flatness over a model zoo, and PAC-Bayes bounds;
+`run(Config(...), workdir)` from a notebook, or `experiments/flatness.py` from flags.
+
+Zoo (`zoo`): trains one MLP per grid point and seed in WORKDIR/zoo/NAME until its training
+cross-entropy (on the labels it was trained on, noise included) reaches `loss_criterion`,
+checked every `check_every` steps, or `max_steps` pass; computes every measure of
+`flatness.measure_fn` on the training set, and again after a random neuron-wise rescaling.
+A finished model's model.json is never recomputed: an interrupted run resumes where it stopped.
+Bound: trains a prior on `prior_fraction` of the training set, optimises a Gaussian posterior
+on the rest and certifies its test error there (the prior never sees those examples).
+Writes WORKDIR/results.json (tau tables, invariance, bounds) and WORKDIR/flatness.png at the
+end. WORKDIR/run.json records the run: a later call resumes only the same configuration and data.
+"""
+
+import dataclasses
+import functools
+import os
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from tsuzuku_jax import data, models, train_lib, workdir
+from tsuzuku_jax.flatness import measures, pac_bayes, posterior, zoo
+
+_print = functools.partial(print, flush=True)
+# Settings that cannot change a result (recorded, but a resume may change them).
+NEUTRAL = ('overwrite', 'workdir')
+_POSITIVE_INTS = ('check_every', 'max_steps', 'probes', 'lanczos_iters', 'sharpness_samples',
+                  'sharpness_iters', 'mc_samples', 'prior_steps', 'posterior_steps')  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Everything that defines a flatness run (the launcher's flags, one field each)."""
+
+  dataset: str = 'digits'  # digits | mnist | cifar10 | npz:PATH
+  zoo: bool = True  # train and measure the model zoo
+  widths: tuple[int, ...] = (64, 256)  # zoo: hidden widths
+  depths: tuple[int, ...] = (2, 3)  # zoo: hidden layers
+  learning_rates: tuple[float, ...] = (0.03, 0.1)  # zoo: SGD learning rates
+  batch_sizes: tuple[int, ...] = (32, 128)  # zoo: batch sizes
+  weight_decays: tuple[float, ...] = (0.0, 1e-4)  # zoo: weight decays
+  label_noises: tuple[float, ...] = (0.0, 0.1)  # zoo: fraction of relabelled examples
+  seeds: tuple[int, ...] = (0, 1)  # zoo: seeds (one zoo each)
+  loss_criterion: float = 0.01  # stop at this training cross-entropy
+  check_every: int = 250  # steps between criterion checks
+  max_steps: int = 8000  # give up (not converged) after this
+  probes: int = 32  # Hutchinson probes per trace
+  lanczos_iters: int = 20  # Lanczos steps for the top eigenvalue
+  lam: float = 1e-3  # lambda of the sigma-optimised measure
+  sharpness_samples: int = 8  # noise draws per sharpness bisection
+  sharpness_iters: int = 14  # bisection steps on log sigma
+  rescale: float = 10.0  # neuron-wise factors are in [1/r, r]
+  bound: bool = True  # compute the PAC-Bayes bounds
+  bound_hidden: tuple[int, ...] = (256,)  # bound model: MLP hidden widths
+  prior_fraction: float = 0.5  # training data used to fit the prior
+  prior_steps: int = 1000  # SGD steps fitting the prior mean
+  posterior_steps: int = 2000  # Adam steps on the posterior
+  posterior_lr: float = 1e-3  # posterior learning rate
+  prior_sigmas: tuple[float, ...] = (0.01, 0.03, 0.1)  # prior scales (union bound)
+  mc_samples: int = 1000  # sampled networks in the certificate
+  delta: float = 0.025  # PAC-Bayes confidence (over all prior scales)
+  delta_mc: float = 0.01  # sampling confidence (over all prior scales)
+  seed: int = 0  # bound: random seed
+
+  def __post_init__(self):
+    """One message per bad field, naming it (the launcher prefixes '--')."""
+    positive = lambda vs: bool(vs) and all(v > 0 for v in vs)  # noqa: E731
+    checks = [
+      (positive(self.widths), f'widths must be positive integers, got {self.widths}'),
+      (positive(self.depths), f'depths must be positive integers, got {self.depths}'),
+      (positive(self.learning_rates),
+       f'learning_rates must be positive numbers, got {self.learning_rates}'),
+      (positive(self.batch_sizes),
+       f'batch_sizes must be positive integers, got {self.batch_sizes}'),
+      (bool(self.weight_decays) and min(self.weight_decays) >= 0,
+       f'weight_decays must be numbers >= 0, got {self.weight_decays}'),
+      (bool(self.label_noises) and all(0 <= v <= 1 for v in self.label_noises),
+       f'label_noises must be fractions in [0, 1], got {self.label_noises}'),
+      (bool(self.seeds) and min(self.seeds) >= 0,
+       f'seeds must be integers >= 0, got {self.seeds}'),
+      (positive(self.bound_hidden),
+       f'bound_hidden must be positive integers, got {self.bound_hidden}'),
+      (positive(self.prior_sigmas),
+       f'prior_sigmas must be positive numbers, got {self.prior_sigmas}'),
+      *((getattr(self, n) >= 1, f'{n} must be >= 1, got {getattr(self, n)}')
+        for n in _POSITIVE_INTS),
+      (0 < self.prior_fraction < 1,
+       f'prior_fraction must be in (0, 1), got {self.prior_fraction}'),
+      (0 < self.delta < 1, f'delta (a confidence) must be in (0, 1), got {self.delta}'),
+      (0 < self.delta_mc < 1, f'delta_mc (a confidence) must be in (0, 1), got {self.delta_mc}'),
+      (self.rescale >= 1, f'rescale must be >= 1, got {self.rescale}'),
+      (self.seed >= 0, f'seed must be >= 0, got {self.seed}'),
+    ]  # fmt: skip
+    for ok, msg in checks:
+      if not ok:
+        raise ValueError(msg)
+
+
+def _certify(config, apply_fn, prior_mean, s, k, delta, delta_mc, bound_data, test):
+  """Fits a posterior around `prior_mean` (prior scale s) and certifies it; one bound row."""
+  import jax
+  import jax.numpy as jnp
+
+  (xb, yb), (xt, yt) = bound_data, test
+  # Data as jit arguments: closed-over arrays would be constant-folded (minutes on MNIST).
+  fit = jax.jit(
+    lambda p, k, x, y: posterior.fit_posterior(
+      apply_fn, p, s, x, y, k, delta=delta, steps=config.posterior_steps,
+      learning_rate=config.posterior_lr,
+    )
+  )  # fmt: skip
+  mean, sigma, objective = fit(prior_mean, k, xb, yb)
+  cert = posterior.certify(
+    apply_fn, mean, sigma, prior_mean, s, xb, yb, jax.random.fold_in(k, 1),
+    num_samples=config.mc_samples, delta=delta, delta_mc=delta_mc,
+  )  # fmt: skip
+  test_errors = posterior.sampled_errors(
+    apply_fn, mean, sigma, xt, yt, jax.random.fold_in(k, 2), 100
+  )
+  row = {**cert, 'objective': float(objective)}
+  row['stochastic_test_error'] = float(jnp.mean(test_errors))
+  row['mean_test_error'] = float(jnp.mean(jnp.argmax(apply_fn(mean, xt), -1) != yt))
+  return row
+
+
+def bound(config: Config, train, test, path: str, log: Callable[[str], None] = _print) -> dict:
+  """The PAC-Bayes bounds: a prior (trained in PATH/prior on `prior_fraction` of the training
+  set, or the initialisation) at every prior scale, certified on the rest (union bound)."""
+  import jax
+  import jax.numpy as jnp
+
+  (xtr, ytr), (xte, yte) = train, test
+  perm = np.random.default_rng(config.seed).permutation(len(ytr))
+  n_prior = int(len(ytr) * config.prior_fraction)
+  prior_idx, bound_idx = perm[:n_prior], perm[n_prior:]
+  model = models.MLP(int(ytr.max()) + 1, tuple(int(h) for h in config.bound_hidden))
+  apply_fn = lambda p, x: model.apply({'params': p}, x)  # noqa: E731
+  train_config = train_lib.TrainConfig(
+    steps=config.prior_steps, batch_size=128, optimizer='sgd', learning_rate=0.05,
+    schedule='constant', seed=config.seed, log_every=max(config.prior_steps // 4, 1),
+    checkpoint_every=config.prior_steps,
+  )  # fmt: skip
+  init = train_lib.create_state(model, train_config, xtr.shape[1:])[0].params
+  prior = train_lib.train(
+    model, train_config, xtr[prior_idx], ytr[prior_idx], os.path.join(path, 'prior'), log=log
+  ).params
+  bound_data = jnp.asarray(xtr[bound_idx]), jnp.asarray(ytr[bound_idx])
+  test_data = jnp.asarray(xte), jnp.asarray(yte)
+  sigmas = [float(s) for s in config.prior_sigmas]
+  delta = pac_bayes.union_delta(config.delta, 2 * len(sigmas))  # both priors, every scale
+  delta_mc = pac_bayes.union_delta(config.delta_mc, 2 * len(sigmas))
+  out = {'m': len(bound_idx), 'prior_examples': n_prior, 'delta': config.delta}
+  out['delta_mc'], out['rows'] = config.delta_mc, []
+  key = jax.random.key(config.seed)
+  for prior_name, prior_mean in (('held_out_data', prior), ('initialisation', init)):
+    for i, s in enumerate(sigmas):
+      k = jax.random.fold_in(key, 2 * i + (prior_name == 'initialisation'))
+      t0 = time.time()
+      cert = _certify(config, apply_fn, prior_mean, s, k, delta, delta_mc, bound_data, test_data)
+      row = {'prior': prior_name, 'prior_sigma': s, **cert, 'seconds': time.time() - t0}
+      out['rows'].append(row)
+      log(
+        f'bound ({prior_name} prior, sigma {s:g}): {cert["bound"]:.4f} '
+        f'(train {cert["emp_mean"]:.4f}, KL {cert["kl"]:.1f}, '
+        f'test {row["stochastic_test_error"]:.4f})'
+      )
+  for prior_name in ('held_out_data', 'initialisation'):
+    rows = [r for r in out['rows'] if r['prior'] == prior_name]
+    out[f'best_{prior_name}'] = min(rows, key=lambda r: r['bound'])
+  out['confidence'] = 1 - config.delta - config.delta_mc
+  return out
+
+
+def run(
+  config: Config,
+  path: str,
+  *,
+  overwrite: bool = False,
+  log: Callable[[str], None] = _print,
+  cli: bool = False,
+) -> dict | None:
+  """Runs (or resumes, or finds complete) the experiment in `path`; returns the results dict
+  (None when `path` already holds this run complete: its results.json is the answer).
+
+  `cli`: name settings as flags ('--widths') in messages, as the launcher does.
+
+  Raises:
+    workdir.WorkdirMismatch: `path` holds another experiment, configuration or data (nothing
+      touched). InvalidInput, CheckpointMismatch: as `train_lib.train` (a diverged zoo model is
+      recorded as such; a diverged prior raises TrainingDiverged).
+  """
+  from tsuzuku_jax import plotting  # matplotlib: only when an experiment runs
+
+  train, test = (data.load(config.dataset, s) for s in ('train', 'test'))
+  identity = data.identity(config.dataset, train=train, test=test)
+  record = workdir.open_run(
+    path, 'flatness', dataclasses.asdict(config), identity, neutral=NEUTRAL, overwrite=overwrite,
+    prefix='--' if cli else '',
+    how=('use a new --workdir, or add --overwrite to move the old run aside' if cli else
+         'use a new workdir, or overwrite=True to move the old run aside'),
+    name='--workdir' if cli else 'workdir',
+  )  # fmt: skip
+  if record.moved_to:
+    log(f'moved the previous run in {path} to {record.moved_to}')
+  results_path = os.path.join(path, 'results.json')
+  if record.resumed and os.path.exists(results_path):
+    log(f'{path} holds this run, complete: {results_path} (overwrite redoes it)')
+    return None
+  if record.resumed:
+    log(f'resuming the run in {path}')
+  results = {'dataset': config.dataset, 'config': dataclasses.asdict(config)}
+  if config.zoo:
+    summary, plot = zoo.analyse(zoo.train_zoo(config, train, test, path, log))
+    plotting.plot_measure_scatter(
+      plot['panels'], os.path.join(path, 'flatness.png'), colors=plot['colors'],
+      color_label='label noise', title=f'{config.dataset}: {plot["models"]} models',
+    )  # fmt: skip
+    results['zoo'] = summary
+    log(f'zoo: {summary["converged"]}/{summary["models"]} converged')
+    for m in (*measures.RAW_MEASURES, *measures.NORMALIZED_MEASURES):
+      t = summary['tau'][m]['converged'] or summary['tau'][m]['all']
+      log(f'  {m:24s} tau {t["tau"]:+.3f} psi {t["granulated"]["psi"]:+.3f}')
+  if config.bound:
+    results['bound'] = bound(config, train, test, path, log)
+  workdir.write_json(results_path, {'experiment': 'flatness', **results})
+  log(f'wrote {results_path}')
+  return results
