@@ -10,9 +10,8 @@ resumes only the same flags and data (see experiments/common.py).
 """
 
 import common
-from absl import app, flags, logging
+from absl import flags, logging
 
-from tsuzuku_jax import data
 from tsuzuku_jax.flatness import experiment
 
 D = experiment.Config()  # the defaults
@@ -56,30 +55,11 @@ _LISTS = {'widths': int, 'depths': int, 'learning_rates': float, 'batch_sizes': 
           'prior_sigmas': float}  # fmt: skip
 
 
-def config_from_flags() -> experiment.Config:
-  """The Config of the given flags; one clear line per bad flag, before any work."""
-  common.check_workdir()
-  values = {f.name: getattr(flags.FLAGS, f.name) for f in experiment.dataclasses.fields(D)}
-  try:
-    data.validate_name(values['dataset'])
-  except (ValueError, FileNotFoundError) as e:
-    raise app.UsageError(f'--dataset: {e}') from None
-  for name, kind in _LISTS.items():
-    try:
-      values[name] = tuple(kind(v) for v in values[name])
-    except ValueError:
-      raise app.UsageError(
-        f'--{name} must be a list of {kind.__name__}s, got {values[name]}'
-      ) from None
-  try:
-    return experiment.Config(**values)
-  except ValueError as e:
-    raise app.UsageError(f'--{e}') from None
-
-
 def main(argv):
   del argv
-  config = config_from_flags()
+  config = common.config_from_flags(
+    experiment.Config, {n: (k, f'a list of {k.__name__}s') for n, k in _LISTS.items()}
+  )
   logging.set_verbosity(logging.WARNING)
   experiment.run(config, _WORKDIR.value, overwrite=common.OVERWRITE.value, cli=True)
 
