@@ -210,8 +210,7 @@ def _mismatch(workdir, name, old: dict | None, new: dict, neutral: set, prefix) 
     if _show(was) == _show(now):  # e.g. ['32', '64'] recorded by an older launcher vs [32, 64]
       show = json.dumps
     return (
-      f'{where} holds a run with {prefix}{key}={show(was)}; this one has '
-      f'{prefix}{key}={show(now)}'
+      f'{where} holds a run with {prefix}{key}={show(was)}; this one has {prefix}{key}={show(now)}'
     )
   d = _first_difference(old.get('data'), new['data'])
   if d:
@@ -254,3 +253,38 @@ def trim_jsonl(path: str, keep: Callable[[dict], bool]) -> int:
         kept.append(line if line.endswith('\n') else line + '\n')
   _replace(path, lambda f: f.writelines(kept))
   return len(kept)
+
+
+def claim_experiment(
+  path: str,
+  experiment: str,
+  config: Mapping[str, Any],
+  data: Mapping[str, Any],
+  *,
+  neutral: Iterable[str] = (),
+  overwrite: bool = False,
+  cli: bool = False,
+  log: Callable[[str], None] = print,
+) -> bool:
+  """`open_run` for an experiment's `run(config, path)`, with its progress lines; True when
+  `path` already holds this run complete (its results.json exists: nothing to do).
+
+  `cli`: name settings and the workdir as flags ('--c', '--workdir', '--overwrite') in messages.
+  """
+  record = open_run(
+    path, experiment, config, data, neutral=neutral, overwrite=overwrite,
+    prefix='--' if cli else '',
+    how=('use a new --workdir, or add --overwrite to move the old run aside' if cli else
+         'use a new workdir, or overwrite=True to move the old run aside'),
+    name='--workdir' if cli else 'workdir',
+  )  # fmt: skip
+  if record.moved_to:
+    log(f'moved the previous run in {path} to {record.moved_to}')
+  results_path = os.path.join(path, 'results.json')
+  if record.resumed and os.path.exists(results_path):
+    redo = '--overwrite' if cli else 'overwrite=True'
+    log(f'{path} holds this run, complete: {results_path} ({redo} redoes it)')
+    return True
+  if record.resumed:
+    log(f'resuming the run in {path}')
+  return False

@@ -195,21 +195,11 @@ def run(
 
   train, test = (data.load(config.dataset, s) for s in ('train', 'test'))
   identity = data.identity(config.dataset, train=train, test=test)
-  record = workdir.open_run(
-    path, 'flatness', dataclasses.asdict(config), identity, neutral=NEUTRAL, overwrite=overwrite,
-    prefix='--' if cli else '',
-    how=('use a new --workdir, or add --overwrite to move the old run aside' if cli else
-         'use a new workdir, or overwrite=True to move the old run aside'),
-    name='--workdir' if cli else 'workdir',
-  )  # fmt: skip
-  if record.moved_to:
-    log(f'moved the previous run in {path} to {record.moved_to}')
-  results_path = os.path.join(path, 'results.json')
-  if record.resumed and os.path.exists(results_path):
-    log(f'{path} holds this run, complete: {results_path} (overwrite redoes it)')
+  record = dataclasses.asdict(config)
+  if workdir.claim_experiment(path, 'flatness', record, identity, neutral=NEUTRAL,
+                              overwrite=overwrite, cli=cli, log=log):  # fmt: skip
     return None
-  if record.resumed:
-    log(f'resuming the run in {path}')
+  results_path = os.path.join(path, 'results.json')
   results = {'dataset': config.dataset, 'config': dataclasses.asdict(config)}
   if config.zoo:
     summary, plot = zoo.analyse(zoo.train_zoo(config, train, test, path, log))

@@ -190,27 +190,6 @@ def _summary(name: str, r: dict) -> str:
   )
 
 
-def _open(config: Config, path: str, identity: dict, overwrite: bool, log, cli: bool) -> bool:
-  """Claims `path` (see `workdir.open_run`); True when it already holds this run complete."""
-  record = workdir.open_run(
-    path, 'fourier', dataclasses.asdict(config), identity, neutral=NEUTRAL, overwrite=overwrite,
-    prefix='--' if cli else '',
-    how=('use a new --workdir, or add --overwrite to move the old run aside' if cli else
-         'use a new workdir, or overwrite=True to move the old run aside'),
-    name='--workdir' if cli else 'workdir',
-  )  # fmt: skip
-  if record.moved_to:
-    log(f'moved the previous run in {path} to {record.moved_to}')
-  results_path = os.path.join(path, 'results.json')
-  if record.resumed and os.path.exists(results_path):
-    redo = '--overwrite' if cli else 'overwrite=True'
-    log(f'{path} holds this run, complete: {results_path} ({redo} redoes it)')
-    return True
-  if record.resumed:
-    log(f'resuming the run in {path}')
-  return False
-
-
 def run(
   config: Config,
   path: str,
@@ -237,7 +216,9 @@ def run(
     prefix = '--' if cli else ''
     raise checks.InvalidInput(f'{prefix}search_images must be < the {len(xte)} test images')
   identity = data.identity(config.dataset, train=(xtr, ytr), test=(xte, yte))
-  if _open(config, path, identity, overwrite, log, cli):
+  config_dict = dataclasses.asdict(config)
+  if workdir.claim_experiment(path, 'fourier', config_dict, identity, neutral=NEUTRAL,
+                              overwrite=overwrite, cli=cli, log=log):  # fmt: skip
     return None
   model = models.CNN(data.num_classes(ytr), tuple(config.channels), config.dense, batch_norm=False)
   state = train_lib.train(

@@ -160,21 +160,11 @@ def run(
   splits = [data.load(config.dataset, s, data_dir=config.data_dir) for s in ('train', 'test')]
   (xtr, ytr), (xte, yte) = splits
   identity = data.identity(config.dataset, train=(xtr, ytr), test=(xte, yte))
-  record = workdir.open_run(
-    path, 'lmt', dataclasses.asdict(config), identity, neutral=NEUTRAL, overwrite=overwrite,
-    prefix='--' if cli else '',
-    how=('use a new --workdir, or add --overwrite to move the old run aside' if cli else
-         'use a new workdir, or overwrite=True to move the old run aside'),
-    name='--workdir' if cli else 'workdir',
-  )  # fmt: skip
-  if record.moved_to:
-    log(f'moved the previous run in {path} to {record.moved_to}')
-  results_path = os.path.join(path, 'results.json')
-  if record.resumed and os.path.exists(results_path):
-    log(f'{path} holds this run, complete: {results_path} (overwrite redoes it)')
+  record = dataclasses.asdict(config)
+  if workdir.claim_experiment(path, 'lmt', record, identity, neutral=NEUTRAL,
+                              overwrite=overwrite, cli=cli, log=log):  # fmt: skip
     return None
-  if record.resumed:
-    log(f'resuming the run in {path}')
+  results_path = os.path.join(path, 'results.json')
   model = build_model(config, data.num_classes(ytr), xtr)
   mesh = data.data_mesh() if jax.device_count() > 1 else None
   losses = {'lmt': training_loss(

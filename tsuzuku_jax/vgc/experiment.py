@@ -162,19 +162,11 @@ def run(
     )
   train, test = (data.load(config.dataset, s) for s in ('train', 'test'))
   identity = data.identity(config.dataset, train=train, test=test)
-  record = workdir.open_run(
-    path, 'vgc', {**dataclasses.asdict(config), 'workers_resolved': workers}, identity,
-    neutral=NEUTRAL, overwrite=overwrite, prefix=pre,
-    how=('use a new --workdir, or add --overwrite to move the old run aside' if cli else
-         'use a new workdir, or overwrite=True to move the old run aside'),
-    name=f'{pre}workdir',
-  )  # fmt: skip
-  if record.moved_to:
-    log(f'moved the previous run in {path} to {record.moved_to}')
-  results_path = os.path.join(path, 'results.json')
-  if record.resumed and os.path.exists(results_path):
-    log(f'{path} holds this run, complete: {results_path} (overwrite redoes it)')
+  record = {**dataclasses.asdict(config), 'workers_resolved': workers}
+  if workdir.claim_experiment(path, 'vgc', record, identity, neutral=NEUTRAL,
+                              overwrite=overwrite, cli=cli, log=log):  # fmt: skip
     return None
+  results_path = os.path.join(path, 'results.json')
   model = build_model(config, data.num_classes(train[1]))
   results = {'config': dataclasses.asdict(config), 'workers': workers, 'methods': {}}
   results['device'] = jax.devices()[0].device_kind
