@@ -14,7 +14,7 @@ r"""Workdir reliability: kill-and-restart at random moments, and bad inputs agai
    by the launcher as a user would type it or by a library call; recorded: the exit status, the
    one-line message, and whether every file of the workdir has the same sha256 afterwards.
 
-Prints both tables (the second as markdown for the README), writes JSON; exit status 1 when a
+Prints both tables (the second as markdown for docs/workdir.md), writes JSON; exit status 1 when a
 check fails.
 """
 

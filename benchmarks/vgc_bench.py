@@ -128,7 +128,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     '--density',
     type=float,
     default=0.01,
-    help='Cost model: mean fraction of elements sent per step (the README VGC section gives the\n'
+    help='Cost model: mean fraction of elements sent per step (docs/vgc.md gives the\n'
     'density measured by the digits runs; 0.01 is a placeholder of that order).',
   )
   p.add_argument('--workers', type=int, default=8)

@@ -82,7 +82,7 @@ def normalized_diagonal(
 
 
 def sigma_optimised(kappa: PyTree, lam: float) -> jax.Array:
-  """The sigma-optimised normalized measure (a reconstruction, see the README): the sum over
+  """The sigma-optimised normalized measure (a reconstruction, see docs/flatness.md): the sum over
   parameters of min over sigma_i of 0.5 sigma_i^2 H_ii + lam * 0.5 ln(1 + theta_i^2 /
   sigma_i^2) (`pac_bayes.second_order_objective`), which depends on kappa_i = theta_i^2 H_ii
   only and so is invariant. kappa_i <= 0 (flat or concave directions) contributes 0.

@@ -19,7 +19,7 @@ Wire format (`SparseMessage`): one uint32 word per element, `(index << 4) | code
 `(-1)^sign * scale * 2^-e`, with one float32 `scale` per tensor. With `quantize=False` the word
 carries only the index and the value travels as float32 beside it (8 bytes per element).
 
-Choices the paper leaves open, made here (reconstruction; see ../README.md, VGC section):
+Choices the paper leaves open, made here (reconstruction; see docs/vgc.md):
 - Order per step: r += g and v += s; the test uses the accumulated v; sent elements get v = 0,
   every other element (including those that passed but did not fit) gets v *= zeta.
 - Quantisation rounds magnitudes *down* to scale * 2^-e, scale = max |r| over the elements that
