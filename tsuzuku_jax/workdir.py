@@ -13,6 +13,7 @@ killed at any moment leaves either the old file or the new one, never half of on
 """
 
 import datetime
+import functools
 import hashlib
 import json
 import os
@@ -255,6 +256,10 @@ def trim_jsonl(path: str, keep: Callable[[dict], bool]) -> int:
   return len(kept)
 
 
+# The experiments' progress lines: flushed, so they interleave with subprocess output in order.
+print_flushed = functools.partial(print, flush=True)
+
+
 def claim_experiment(
   path: str,
   experiment: str,
@@ -264,7 +269,7 @@ def claim_experiment(
   neutral: Iterable[str] = (),
   overwrite: bool = False,
   cli: bool = False,
-  log: Callable[[str], None] = print,
+  log: Callable[[str], None] = print_flushed,
 ) -> bool:
   """`open_run` for an experiment's `run(config, path)`, with its progress lines; True when
   `path` already holds this run complete (its results.json exists: nothing to do).

@@ -1,26 +1,10 @@
 """Hessian-vector products and Hessian estimators on parameter pytrees (Tsuzuku, Sato &
 Sugiyama, ICML 2020: normalized flat minima).
 
-Everything here works on a scalar loss `loss_fn(params)` (the data closed over) and on linear
-operators `op(v)` over pytrees shaped like the parameters:
-
-- `hvp`: H v by forward-over-reverse differentiation (`jax.jvp` of `jax.grad`); `hessian_op`
-  linearizes the gradient once so that many probes reuse the primal computation.
-- `normalized_op`: v -> theta * H(theta * v), the Hessian of u -> L(theta * (1 + u)) at u = 0.
-  Its diagonal is theta_i^2 H_ii and its trace sum_i theta_i^2 H_ii = tr(D H D) with
-  D = diag(|theta|): the per-parameter terms that do not change under the rescalings that leave
-  a ReLU network's function unchanged.
-- `hutchinson_trace` / `hutchinson_diagonal`: Rademacher-probe estimates (vmapped over a chunk
-  of probes, chunks mapped), with standard errors.
-- `lanczos` / `top_eigenvalues`: Lanczos with full re-orthogonalisation.
-- `gauss_newton_diagonal`: the exact, non-negative Gauss-Newton diagonal for cross-entropy.
-- `exact_hessian` / `exact_diagonal`: dense references for tiny models (tests).
-
-On anything larger than a tiny model, build the operator inside a jit that takes the
-parameters as an argument, e.g.
-`jax.jit(lambda p: hutchinson_trace(normalized_op(loss_fn, p), p, key).value)(params)`:
-parameters closed over as constants let XLA constant-fold through the network (a CNN's
-max-pool under vmap then takes minutes to compile).
+The curvature tools (HVPs, Hutchinson, Lanczos, Gauss-Newton, dense references) are in
+`hessian`, whose docstring says how to use them (and why to build operators inside a jit);
+`normalized_op` (v -> theta * H(theta * v), the per-parameter terms invariant to the rescalings
+that leave a ReLU network's function unchanged) and the measures are in `measures`.
 
 Modules: `hessian` (the paper-free curvature tools: `hvp`, `hessian_op`, Hutchinson, Lanczos,
 Gauss-Newton, dense references), `measures` (`normalized_op`, the measures and `measure_fn`),

@@ -13,7 +13,6 @@ end. WORKDIR/run.json records the run: a later call resumes only the same config
 """
 
 import dataclasses
-import functools
 import os
 import time
 from collections.abc import Callable
@@ -23,7 +22,6 @@ import numpy as np
 from tsuzuku_jax import data, models, train_lib, workdir
 from tsuzuku_jax.flatness import measures, pac_bayes, posterior, zoo
 
-_print = functools.partial(print, flush=True)
 # Settings that cannot change a result (recorded, but a resume may change them).
 NEUTRAL = ('overwrite', 'workdir')
 _POSITIVE_INTS = ('check_every', 'max_steps', 'probes', 'lanczos_iters', 'sharpness_samples',
@@ -125,7 +123,9 @@ def _certify(config, apply_fn, prior_mean, s, k, delta, delta_mc, bound_data, te
   return row
 
 
-def bound(config: Config, train, test, path: str, log: Callable[[str], None] = _print) -> dict:
+def bound(
+  config: Config, train, test, path: str, log: Callable[[str], None] = workdir.print_flushed
+) -> dict:
   """The PAC-Bayes bounds: a prior (trained in PATH/prior on `prior_fraction` of the training
   set, or the initialisation) at every prior scale, certified on the rest (union bound)."""
   import jax
@@ -178,7 +178,7 @@ def run(
   path: str,
   *,
   overwrite: bool = False,
-  log: Callable[[str], None] = _print,
+  log: Callable[[str], None] = workdir.print_flushed,
   cli: bool = False,
 ) -> dict | None:
   """Runs (or resumes, or finds complete) the experiment in `path`; returns the results dict

@@ -10,7 +10,6 @@ resumes only the same configuration and data.
 """
 
 import dataclasses
-import functools
 import os
 import time
 from collections.abc import Callable
@@ -22,7 +21,6 @@ import numpy as np
 from tsuzuku_jax import attacks, checks, data, fourier, models, train_lib, workdir
 
 SEARCHES = ('exhaustive', 'halving')
-_print = functools.partial(print, flush=True)
 # Settings that cannot change a result (recorded, but a resume may change them).
 NEUTRAL = ('data_dir', 'overwrite', 'workdir')
 _STATS = {'mean': np.mean, 'min': np.min, 'max': np.max}
@@ -117,7 +115,9 @@ class Config:
     )
 
 
-def budgets(config: Config, query, held, held_ref, key, shape, log=_print) -> list[tuple]:
+def budgets(
+  config: Config, query, held, held_ref, key, shape, log=workdir.print_flushed
+) -> list[tuple]:
   """[(name, L2 norm, how it was chosen)] for `config.eps` then `config.linf_equivalent`."""
   out = []
   for e in config.eps:
@@ -195,7 +195,7 @@ def run(
   path: str,
   *,
   overwrite: bool = False,
-  log: Callable[[str], None] = _print,
+  log: Callable[[str], None] = workdir.print_flushed,
   cli: bool = False,
 ) -> dict | None:
   """Runs (or resumes, or finds complete) the experiment in `path`; returns the results dict

@@ -9,7 +9,6 @@ WORKDIR/run.json records the run: a later call resumes only the same configurati
 """
 
 import dataclasses
-import functools
 import os
 from collections.abc import Callable
 
@@ -22,7 +21,6 @@ from tsuzuku_jax.lmt.margins import FORMS, VARIANTS, training_loss
 from tsuzuku_jax.lmt.radii import robustness_report, segment_report
 
 MODELS = ('mlp', 'cnn', 'wrn', 'liresnet')
-_print = functools.partial(print, flush=True)
 # Settings that cannot change a result (recorded, but a resume may change them).
 NEUTRAL = ('log_every', 'checkpoint_every', 'data_dir', 'overwrite', 'workdir')
 
@@ -143,7 +141,7 @@ def run(
   path: str,
   *,
   overwrite: bool = False,
-  log: Callable[[str], None] = _print,
+  log: Callable[[str], None] = workdir.print_flushed,
   cli: bool = False,
 ) -> dict | None:
   """Runs (or resumes, or finds complete) the experiment in `path`; returns the results dict

@@ -11,7 +11,6 @@ only the same configuration, data and number of workers.
 """
 
 import dataclasses
-import functools
 import json
 import os
 from collections.abc import Callable
@@ -24,7 +23,6 @@ from tsuzuku_jax import checks, data, models, train_lib, workdir
 from tsuzuku_jax.vgc import compression, cost_model
 from tsuzuku_jax.vgc import data_parallel as dp
 
-_print = functools.partial(print, flush=True)
 NEUTRAL = ('eval_every', 'overwrite', 'workdir')
 
 
@@ -138,7 +136,7 @@ def run(
   path: str,
   *,
   overwrite: bool = False,
-  log: Callable[[str], None] = _print,
+  log: Callable[[str], None] = workdir.print_flushed,
   cli: bool = False,
 ) -> dict | None:
   """Runs (or resumes, or finds complete) the sweep in `path`; returns the results dict (None
