@@ -51,7 +51,12 @@ MODELS = ('lmt', 'baseline')
 
 
 def _env() -> dict:
-  return {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ''}
+  # One device; the caller's compiler flags kept (the test suite's faster ones). No persistent
+  # compilation cache: every start must compile as the timed reference run did, or the kill
+  # moments drawn from its timeline would fall after a (faster) restart has finished.
+  flags = [f for f in os.environ.get('XLA_FLAGS', '').split() if 'device_count' not in f]
+  return {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ' '.join(flags),
+          'JAX_ENABLE_COMPILATION_CACHE': 'false'}  # fmt: skip
 
 
 def launch(script: str, *args: str, timeout: float = 1200) -> subprocess.CompletedProcess:

@@ -175,3 +175,32 @@ def test_cost_model_closed_forms():
     > 1
     > cost_model.step_times(odd, b_star / 2)['speedup']
   )
+
+
+class _Interrupt(Exception):
+  pass
+
+
+def _interrupt(line):
+  if line.startswith('vgc 6/6'):  # after step 6 is logged, before its checkpoint is saved
+    raise _Interrupt(line)
+
+
+def test_training_resumes_inside_a_run_with_the_uninterrupted_history(tmp_path):
+  # The shared loop's checkpoints: a run stopped after its step-4 checkpoint and restarted ends
+  # with the parameters and the byte / accuracy history of a run that was never stopped.
+  loss_fn, params, x, y = _digits_problem()
+  apply_fn = lambda p, z: models.MLP(10, hidden=(32,)).apply({'params': p}, z)  # noqa: E731
+  config = dp.DPConfig(method='vgc', simulate=True, steps=6, batch_size=64, eval_every=2,
+                       checkpoint_every=4)  # fmt: skip
+  args = (loss_fn, apply_fn, params, config, (x, y), (x, y))
+  full, hist = dp.train(*args, workdir=str(tmp_path / 'a'), log=lambda s: None)
+  with pytest.raises(_Interrupt):
+    dp.train(*args, workdir=str(tmp_path / 'b'), log=_interrupt)
+  lines = []
+  again, hist_b = dp.train(*args, workdir=str(tmp_path / 'b'), log=lines.append)
+  assert any('resumed' in line and 'step 4' in line for line in lines), lines
+  for u, v in zip(jax.tree.leaves(full), jax.tree.leaves(again), strict=True):
+    np.testing.assert_array_equal(u, v)
+  assert hist_b == hist and len(hist['density']) == 6 and hist['eval_step'] == [2, 4, 6]
+  assert hist['totals']['elements'] > hist['totals']['sent'] > 0

@@ -1,16 +1,32 @@
-"""Test set-up: 8 fake CPU devices, set before jax is imported anywhere."""
+"""Test set-up, before jax is imported anywhere: 8 fake CPU devices, and a compiler set for
+tests.
+
+The suite's time is mostly XLA:CPU compiling many small programs, each run once on tiny data.
+So the tests (and the launchers, notebooks and doc blocks they start, which inherit the
+environment) compile without LLVM optimisation and without the fusion emitters (about twice
+as fast to compile; same semantics, float results within the tests' tolerances), and share a
+persistent compilation cache in .cache/jax-tests (a program compiled by one test, worker or
+subprocess is read back by the next; entries are keyed by the program, flags and jax version).
+Set JAX_COMPILATION_CACHE_DIR to move it, or XLA_FLAGS to add flags. Benchmarks and runs use
+the default compiler.
+"""
 
 import os
 
-os.environ['XLA_FLAGS'] = (
-  os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..'))
+_FAST_COMPILE = '--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false'
+os.environ['XLA_FLAGS'] = ' '.join(
+  (os.environ.get('XLA_FLAGS', ''), '--xla_force_host_platform_device_count=8', _FAST_COMPILE)
 ).strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(ROOT, '.cache', 'jax-tests'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-SHARED_DATA = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data')
+SHARED_DATA = os.path.join(ROOT, '..', 'shared', 'data')
 
 
 @pytest.fixture

@@ -9,12 +9,15 @@ import sys
 
 
 def run_script(script: str, *args: str, check: bool = True, devices: int = 1):
-  """`python script args...` with JAX on the CPU and `devices` fake devices; the finished process.
+  """`python script args...` with JAX on the CPU and `devices` fake devices (the suite's other
+  compiler flags and compilation cache kept); the finished process.
 
   Raises AssertionError with the output when `check` and the exit status is non-zero.
   """
-  xla = f'--xla_force_host_platform_device_count={devices}' if devices > 1 else ''
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': xla}
+  flags = [f for f in os.environ.get('XLA_FLAGS', '').split() if 'device_count' not in f]
+  if devices > 1:
+    flags.append(f'--xla_force_host_platform_device_count={devices}')
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ' '.join(flags)}
   proc = subprocess.run(
     [sys.executable, script, *args], capture_output=True, text=True, env=env, timeout=600
   )

@@ -317,27 +317,22 @@ def test_certify_dataset_keys_shapes_and_median():
   x, y = _data(50, seed=11)
   eps = [0.0, 0.01, 0.1]
   out = lmt.certify_dataset(apply_fn, variables, bounds, x, y, eps, batch_size=16)
-  want_keys = {'pred', 'correct', 'eps'}
-  for form in lmt.FORMS:
-    want_keys |= {f'radius_{form}', f'certified_accuracy_{form}', f'median_radius_{form}'}
-  assert set(out) == want_keys
-  assert out['pred'].shape == out['correct'].shape == (50,)
+  assert isinstance(out, lmt.Radii) and set(out.forms) == set(lmt.FORMS)
+  assert out.pred.shape == out.correct.shape == (50,)
+  np.testing.assert_array_equal(out.eps, np.float32(eps))
   logits = jax.jit(logits_fn)(x)
-  np.testing.assert_array_equal(out['pred'], np.argmax(np.asarray(logits), -1))
-  np.testing.assert_array_equal(out['correct'], out['pred'] == y)
-  assert 0 < out['correct'].sum() < 50  # random labels: some right, some wrong
+  np.testing.assert_array_equal(out.pred, np.argmax(np.asarray(logits), -1))
+  np.testing.assert_array_equal(out.correct, out.pred == y)
+  assert 0 < out.correct.sum() < 50  # random labels: some right, some wrong
   radii = _radii(logits, bounds, 1.0)
   for form in lmt.FORMS:
-    r = out[f'radius_{form}']
-    assert r.shape == (50,) and out[f'certified_accuracy_{form}'].shape == (3,)
-    want = radii[form][1]
-    np.testing.assert_allclose(r, np.asarray(want), rtol=1e-6)
+    r, acc, median = out.forms[form]
+    assert r.shape == (50,) and acc.shape == (3,)
+    np.testing.assert_allclose(r, np.asarray(radii[form][1]), rtol=1e-6)
     # Misclassified points count as radius 0 in the median (as in LMT).
-    median = out[f'median_radius_{form}']
-    assert median == pytest.approx(float(np.median(np.where(out['correct'], r, 0.0))))
+    assert median == pytest.approx(float(np.median(np.where(out.correct, r, 0.0))))
     assert median < float(np.median(r))
-    acc = [np.mean(out['correct'] & (r > e)) for e in eps]
-    np.testing.assert_allclose(out[f'certified_accuracy_{form}'], acc, rtol=1e-6)
+    np.testing.assert_allclose(acc, [np.mean(out.correct & (r > e)) for e in eps], rtol=1e-6)
 
 
 def test_non_finite_input_is_never_certified():

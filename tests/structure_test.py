@@ -109,3 +109,30 @@ def test_every_subpackage_is_in_the_distribution():
   packages = {n for n, p in _modules().items() if p.endswith('__init__.py')}
   assert {f'tsuzuku_jax.{p}' for p in PAPERS} <= packages
   assert packages <= shipped, sorted(packages - shipped)
+
+
+MAX_MODULE_LINES, MAX_FUNCTION_LINES, MAX_LAUNCHER_LINES = 400, 80, 120
+
+
+def test_modules_functions_and_launchers_stay_readable():
+  # An afternoon's read: no library module over 400 lines, no function over 80 (docstring
+  # included), no launcher over 120 (flags -> Config -> run).
+  bad = []
+  for name, path in sorted(_modules().items()):
+    with open(path) as f:
+      src = f.read()
+    if src.count('\n') > MAX_MODULE_LINES:
+      bad.append(f'{name}: {src.count(chr(10))} lines > {MAX_MODULE_LINES}')
+    for node in ast.walk(ast.parse(src, path)):
+      if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+        n = node.end_lineno - node.lineno + 1
+        if n > MAX_FUNCTION_LINES:
+          bad.append(f'{name}.{node.name} (line {node.lineno}): {n} lines > {MAX_FUNCTION_LINES}')
+  launchers = os.path.join(ROOT, 'experiments')
+  for f in sorted(os.listdir(launchers)):
+    if f.endswith('.py') and f != 'common.py':
+      with open(os.path.join(launchers, f)) as fh:
+        n = fh.read().count('\n')
+      if n > MAX_LAUNCHER_LINES:
+        bad.append(f'experiments/{f}: {n} lines > {MAX_LAUNCHER_LINES}')
+  assert not bad, '\n'.join(bad)

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from tsuzuku_jax import data, lmt, models, train_lib
+from tsuzuku_jax import data, lmt, loop, models, train_lib
 
 
 @pytest.fixture(scope='module')
@@ -97,7 +97,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, digits):
     _train(model, config, bad, y, workdir, log=lambda s: None)
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['20']
   state, _ = train_lib.create_state(model, _config(), x.shape[1:], _lmt(model))
-  restored = train_lib.restore_latest(workdir, state, _config())
+  restored = loop.restore_latest(workdir, state)
   assert int(restored.step) == 20
   assert all(np.isfinite(np.asarray(v)).all() for v in jax.tree.leaves(restored.params))
 
@@ -136,7 +136,7 @@ def test_checkpoint_of_another_model_is_refused_and_kept(tmp_path, digits):
   other = models.MLP(hidden=(32,))
   other, _ = train_lib.create_state(other, config, x.shape[1:], _lmt(other))
   with pytest.raises(train_lib.CheckpointMismatch, match='does not match this model'):
-    train_lib.restore_latest(str(tmp_path), other, config)
+    loop.restore_latest(str(tmp_path), other)
 
 
 def test_until_stops_at_a_logging_step_and_a_resume_returns_at_once(tmp_path, digits):

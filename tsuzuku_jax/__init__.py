@@ -1,7 +1,9 @@
 """tsuzuku_jax: Lipschitz-margin training, variance-based gradient compression, Fourier-basis
 sensitivity, and normalized flat minima, on any JAX/Flax model.
 
-Shared core: `data`, `models`, `train_lib`, `attacks`, `checks`, `workdir`, `plotting`. Papers:
+Shared core: `data`, `models`, `train_lib` (models, losses, steps), `loop` (the one training loop
+with checkpoints and resume), `progress` (progress lines, TensorBoard), `attacks`, `checks`,
+`workdir`, `plotting`. Papers:
 `lmt` (Lipschitz analysis of any traced model, certificates, margin losses); `vgc`
 (compression, variance estimators, compressed all-reduce, data-parallel training, cost model);
 `fourier` (Fourier basis, heat maps, black-box universal search); `flatness` (Hessian tools,
@@ -14,8 +16,8 @@ the package loads neither matplotlib, orbax nor scikit-learn.
 import importlib
 
 _SUBMODULES = (
-  'attacks', 'checks', 'data', 'flatness', 'fourier', 'lmt', 'models', 'plotting', 'train_lib',
-  'vgc', 'workdir',
+  'attacks', 'checks', 'data', 'flatness', 'fourier', 'lmt', 'loop', 'models', 'plotting',
+  'progress', 'train_lib', 'vgc', 'workdir',
 )  # fmt: skip
 
 __all__ = list(_SUBMODULES)

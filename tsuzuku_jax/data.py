@@ -342,16 +342,8 @@ def epoch_batches(
 def eval_batches(
   images: np.ndarray, labels: np.ndarray, batch_size: int
 ) -> Iterator[dict[str, np.ndarray]]:
-  """In-order batches covering every example once; the last batch may be smaller (no padding).
-
-  Args:
-    images: (N, ...) array.
-    labels: (N, ...) array.
-    batch_size: examples per batch (>= 1).
-
-  Returns:
-    An iterator of `{'image': (B, ...), 'label': (B, ...)}` slices, B <= batch_size.
-  """
+  """In-order `{'image': (B, ...), 'label': (B, ...)}` slices of (N, ...) arrays covering every
+  example once, B <= batch_size (>= 1): the last batch may be smaller (no padding)."""
   return epoch_batches(
     images, labels, batch_size, seed=0, epoch=0, shuffle=False, drop_remainder=False
   )

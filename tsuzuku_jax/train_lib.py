@@ -13,7 +13,6 @@ import functools
 import inspect
 import json
 import os
-import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -24,8 +23,9 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from tsuzuku_jax import checks, data
+from tsuzuku_jax import checks, data, loop
 from tsuzuku_jax import workdir as record
+from tsuzuku_jax.loop import CheckpointMismatch, TrainingDiverged  # noqa: F401 (re-exported)
 
 
 class TrainState(NamedTuple):
@@ -64,14 +64,6 @@ class TrainConfig:
     for ok, msg in checks:
       if not ok:
         raise ValueError(msg)
-
-
-class CheckpointMismatch(ValueError):
-  """The workdir holds a checkpoint of another model or optimiser (left untouched on disk)."""
-
-
-class TrainingDiverged(FloatingPointError):
-  """The loss became NaN or Inf; the last good checkpoint is kept."""
 
 
 class Loss(NamedTuple):
@@ -207,47 +199,6 @@ def logits_fn(model, state: TrainState) -> Callable[[jax.Array], jax.Array]:
   return lambda x: fn(variables, x)
 
 
-def _manager(workdir: str, config: TrainConfig):
-  # orbax is imported here so the rest of the module (train steps, benchmarks) works without it.
-  import orbax.checkpoint as ocp
-
-  options = ocp.CheckpointManagerOptions(max_to_keep=config.max_checkpoints, create=True)
-  return ocp.CheckpointManager(
-    os.path.join(os.path.abspath(workdir), 'checkpoints'),
-    options=options,
-    item_handlers=ocp.StandardCheckpointHandler(),
-  )
-
-
-def restore_latest(workdir: str, state: TrainState, config: TrainConfig) -> TrainState:
-  """The latest checkpoint in `workdir` (or `state` unchanged when there is none)."""
-  import orbax.checkpoint as ocp
-
-  mngr = _manager(workdir, config)
-  step = mngr.latest_step()
-  if step is None:
-    return state
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state._asdict())
-  # Compare the stored shapes first: a failed orbax restore leaves its async reads dangling.
-  stored = sorted(str(tuple(m.shape)) for m in jax.tree.leaves(mngr.item_metadata(step)))
-  wanted = sorted(str(tuple(a.shape)) for a in jax.tree.leaves(abstract))
-  if stored != wanted:
-    raise CheckpointMismatch(
-      f'the checkpoint at step {step} in {workdir}/checkpoints does not match this model and '
-      f'optimiser ({len(stored)} stored arrays vs {len(wanted)} expected, or different '
-      'shapes); use a new --workdir'
-    )
-  try:
-    restored = mngr.restore(step, args=ocp.args.StandardRestore(abstract))
-  except (ValueError, KeyError, TypeError) as e:
-    # Left untouched on disk: use another workdir for a different model or optimiser.
-    raise CheckpointMismatch(
-      f'the checkpoint at step {step} in {workdir}/checkpoints does not match this model and '
-      f'optimiser ({type(e).__name__}: {str(e)[:300]}); use a new --workdir'
-    ) from e
-  return TrainState(**restored)
-
-
 def describe_model(model) -> dict:
   """A Flax module's class and fields (its configuration), for run records."""
   fields = {}
@@ -272,10 +223,6 @@ def params_fingerprint(state: TrainState) -> str:
   bit-identical models, e.g. a resumed run and an uninterrupted one."""
   leaves = jax.tree.leaves(jax.device_get((state.params, state.batch_stats)))
   return data.fingerprint(*(np.asarray(a) for a in leaves))
-
-
-def _all_finite(metrics: dict) -> bool:
-  return all(np.isfinite(np.asarray(v)).all() for v in metrics.values())
 
 
 def train(
@@ -309,8 +256,6 @@ def train(
     WorkdirMismatch: `workdir` holds another model, configuration or data (nothing touched).
     TrainingDiverged: the loss became NaN/Inf; the last checkpoint saved is the last good one.
   """
-  import orbax.checkpoint as ocp
-
   checks.check_images(images, pixel_range=None)
   state, tx = create_state(model, config, images.shape[1:], loss)
   checks.check_labels_for(logits_fn(model, state), images, labels)
@@ -322,68 +267,22 @@ def train(
     neutral=('log_every', 'checkpoint_every', 'max_checkpoints'),
     how='use a new workdir',
   )
-  state = restore_latest(workdir, state, config)
-  start = int(state.step)
-  metrics_path = os.path.join(workdir, 'metrics.jsonl')
-  # Steps after the checkpoint are redone (identically): their old lines would repeat.
-  record.trim_jsonl(metrics_path, lambda r: r.get('step', 0) <= start)
-  if start:
-    log(f'resumed from {workdir}/checkpoints at step {start}')
-    if until is not None and until(state):
-      return state
   if mesh is not None:
     state = jax.device_put(state, NamedSharding(mesh, P()))
+
+  def batches(epoch):
+    for b in data.epoch_batches(images, labels, config.batch_size, seed=config.seed, epoch=epoch):
+      yield data.shard_batch(b, mesh)
+
+  schedule = loop.Schedule(
+    config.steps,
+    data.steps_per_epoch(len(images), config.batch_size),
+    config.log_every,
+    config.checkpoint_every,
+    config.max_checkpoints,
+  )
   train_step = make_train_step(model, tx, loss, seed=config.seed)
-  mngr = _manager(workdir, config)
-  per_epoch = data.steps_per_epoch(len(images), config.batch_size)
-  step, t_last, window, last = start, time.time(), [], False
-  warm = None  # (step, time) once the first step (and its compilation) is done
-  try:
-    with open(metrics_path, 'a') as metrics_file:
-      while step < config.steps and not last:
-        epoch, skip = divmod(step, per_epoch)
-        batches = data.epoch_batches(
-          images, labels, config.batch_size, seed=config.seed, epoch=epoch
-        )
-        for i, batch in enumerate(batches):
-          if i < skip:
-            continue
-          state, metrics = train_step(state, data.shard_batch(batch, mesh))
-          step += 1
-          if warm is None:  # the rate and ETA leave out compilation (the first step)
-            jax.block_until_ready(metrics)
-            warm = (step, time.time())
-          window.append(metrics)
-          last = step == config.steps
-          if step % config.log_every == 0 or last or step % config.checkpoint_every == 0:
-            host = jax.device_get(window)
-            window = []
-            mean = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
-            if not all(_all_finite(m) for m in host):
-              raise TrainingDiverged(
-                f'loss is {mean["loss"]} at step {step}: stopping; the last good checkpoint '
-                f'(step {mngr.latest_step()}) is kept in {workdir}/checkpoints'
-              )
-            now = time.time()
-            extra = ''.join(f' {k} {v:.3g}' for k, v in mean.items() if k in loss.shown)
-            speed = 'compiled'
-            if step > warm[0]:
-              rate = (step - warm[0]) / max(now - warm[1], 1e-9)
-              speed = f'{rate:.1f} steps/s ETA {(config.steps - step) / rate:.0f}s'
-            log(
-              f'step {step}/{config.steps} loss {mean["loss"]:.4f} acc {mean["accuracy"]:.3f}'
-              f'{extra} {speed}'
-            )
-            metrics_file.write(json.dumps({'step': step, 'time': now - t_last, **mean}) + '\n')
-            metrics_file.flush()
-            t_last = now
-            if until is not None and step % config.log_every == 0 and until(state):
-              last = True
-          if step % config.checkpoint_every == 0 or last:
-            mngr.save(step, args=ocp.args.StandardSave(state._asdict()))
-          if last:
-            break
-  finally:
-    # Commit any checkpoint still being written, also when interrupted or diverged.
-    mngr.wait_until_finished()
+  shown = ('loss', 'accuracy', *loss.shown)
+  state, _ = loop.run(state, train_step, batches, schedule, workdir, shown=shown, until=until,
+                      log=log)  # fmt: skip
   return state

@@ -30,6 +30,10 @@ from tsuzuku_jax.lmt.margins import (
 )
 from tsuzuku_jax.lmt.radii import (
   CONVERGED_ITERS,
+  FormRadii,
+  Radii,
+  Report,
+  Soundness,
   certified_accuracy,
   certified_radius,
   certify,
@@ -44,6 +48,10 @@ __all__ = [
   'VARIANTS',
   'Certificate',
   'Estimate',
+  'FormRadii',
+  'Radii',
+  'Report',
+  'Soundness',
   'UnsupportedOperation',
   'analysis',
   'bounds',

@@ -124,16 +124,17 @@ def _train_and_report(config, name, loss, model, splits, path, mesh, log):
   variables, apply_fn = train_lib.variables_of(state), train_lib.apply_fn(model)
   with jax.default_matmul_precision('highest'):
     cert = certificate(apply_fn, variables, xtr.shape[1:])
-    report = robustness_report(
+    full = robustness_report(
       apply_fn, variables, cert, xte, yte, list(config.eps), key=jax.random.key(config.seed + 1),
       attack_examples=config.attack_examples, steps=config.pgd_steps,
       restarts=config.pgd_restarts,
     )  # fmt: skip
+  report = full.to_json()
   report['lipschitz'] = cert.lipschitz
   report['segments'] = segment_report(cert)
   report['train_seconds'] = train_lib.logged_seconds(path)  # over all invocations
   report['params_fingerprint'] = train_lib.params_fingerprint(state)
-  return report
+  return report, full.radii
 
 
 def run(
@@ -175,12 +176,11 @@ def run(
   results['config'] = dataclasses.asdict(config)
   curves, marks, grid = {}, {}, np.linspace(0, max(config.eps) * 1.5, 200)
   for name, loss in losses.items():
-    report = _train_and_report(
+    report, radii = _train_and_report(
       config, name, loss, model, splits, os.path.join(path, name), mesh, log
     )
-    radius, correct = report.pop('_radius'), report.pop('_correct')
     for form in FORMS:
-      acc = plotting.certified_accuracy_curve(radius[form], correct, grid)
+      acc = plotting.certified_accuracy_curve(radii.forms[form].radius, radii.correct, grid)
       curves[f'{name} ({form})'] = (grid, acc)
     pgd = report['pgd_robust_accuracy']
     marks[f'{name} PGD'] = (list(config.eps), [pgd[f'{e:g}'] for e in config.eps])

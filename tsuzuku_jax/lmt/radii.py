@@ -4,7 +4,7 @@ check and the per-segment tightness report."""
 
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -90,6 +90,23 @@ def _radii(apply_fn, variables, images, pair_lips):
   return [certified_radius(logits, p) for p in pair_lips]
 
 
+class FormRadii(NamedTuple):
+  """One form's certified radii over a dataset."""
+
+  radius: np.ndarray  # (N,) float32, L2, pixel units
+  certified_accuracy: np.ndarray  # (E,) fraction correct with radius > eps
+  median_radius: float  # over the test set, misclassified points counted 0 (as in LMT)
+
+
+class Radii(NamedTuple):
+  """`certify_dataset`'s answer: predictions and, per form of `FORMS`, the radii."""
+
+  pred: np.ndarray  # (N,) int32
+  correct: np.ndarray  # (N,) bool
+  eps: np.ndarray  # (E,) float32
+  forms: dict[str, FormRadii]  # 'global', 'pairwise'
+
+
 def certify_dataset(
   apply_fn: Callable,
   variables: Any,
@@ -99,7 +116,7 @@ def certify_dataset(
   eps: Sequence[float],
   *,
   batch_size: int = 500,
-) -> dict:
+) -> Radii:
   """Certified radii and certified accuracy at each eps, for both forms (one forward pass per
   batch; evaluate at full float32 precision, e.g. under
   `jax.default_matmul_precision('highest')` on GPUs, for the radii to hold).
@@ -107,11 +124,6 @@ def certify_dataset(
   Raises:
     TypeError: `cert` is not a `Certificate`.
     InvalidInput: non-finite images, or labels outside [0, K) or of another length.
-
-  Returns:
-    dict with 'pred' (N,), 'correct' (N,), and per form: 'radius_<form>' (N,),
-    'certified_accuracy_<form>' (E,), 'median_radius_<form>' (median over the test set of the
-    radius, counted 0 for misclassified points, as in LMT).
   """
   _require_certificate(cert)
   checks.check_images(images, pixel_range=None, ndim=None)
@@ -126,13 +138,12 @@ def certify_dataset(
     preds.append(np.asarray(out[0][0]))
   pred = np.concatenate(preds)
   correct = pred == np.asarray(labels)
-  out = {'pred': pred, 'correct': correct, 'eps': np.asarray(eps, np.float32)}
+  forms = {}
   for f in FORMS:
     r = np.concatenate(radii[f])
-    out[f'radius_{f}'] = r
-    out[f'certified_accuracy_{f}'] = np.asarray(certified_accuracy(pred, r, labels, eps))
-    out[f'median_radius_{f}'] = float(np.median(np.where(correct, r, 0.0)))
-  return out
+    acc = np.asarray(certified_accuracy(pred, r, labels, eps))
+    forms[f] = FormRadii(r, acc, float(np.median(np.where(correct, r, 0.0))))
+  return Radii(pred, correct, np.asarray(eps, np.float32), forms)
 
 
 def segment_report(cert: Certificate, *, key: jax.Array | None = None) -> list[dict]:
@@ -157,6 +168,42 @@ def segment_report(cert: Certificate, *, key: jax.Array | None = None) -> list[d
   return rows
 
 
+class Soundness(NamedTuple):
+  """PGD inside one form's certified radii: a sound certificate has 0 violations."""
+
+  violations: int  # certified points PGD broke inside their own radius
+  certified_checked: int  # certified points attacked
+
+
+class Report(NamedTuple):
+  """`robustness_report`'s answer."""
+
+  radii: Radii  # every test point
+  pgd_robust_accuracy: np.ndarray  # (E,) on the first `attack_examples` points
+  soundness: dict[str, Soundness]  # per form
+  attack_examples: int
+
+  @property
+  def clean_accuracy(self) -> float:
+    return float(self.radii.correct.mean())
+
+  def to_json(self) -> dict:
+    """The summary for results.json: accuracies by form and by eps (as '%g' strings)."""
+    eps = [f'{e:g}' for e in self.radii.eps.tolist()]
+    forms = self.radii.forms
+    return {
+      'clean_accuracy': self.clean_accuracy,
+      'certified_accuracy': {
+        f: dict(zip(eps, r.certified_accuracy.tolist(), strict=True)) for f, r in forms.items()
+      },
+      'median_radius': {f: r.median_radius for f, r in forms.items()},
+      'pgd_robust_accuracy': dict(zip(eps, self.pgd_robust_accuracy.tolist(), strict=True)),
+      'violations': {f: s.violations for f, s in self.soundness.items()},
+      'certified_checked': {f: s.certified_checked for f, s in self.soundness.items()},
+      'attack_examples': self.attack_examples,
+    }
+
+
 def robustness_report(
   apply_fn: Callable,
   variables: Any,
@@ -169,7 +216,7 @@ def robustness_report(
   attack_examples: int = 1000,
   batch_size: int = 500,
   **pgd_kwargs,
-) -> dict:
+) -> Report:
   """Certified accuracy (both forms) beside PGD robust accuracy, and the soundness check.
 
   PGD runs on the first `attack_examples` test points: robust accuracy at each eps, and an
@@ -178,27 +225,24 @@ def robustness_report(
   finite pixel values in [0, 1] (PGD stays in that box).
 
   Returns:
-    JSON-ready dict: clean_accuracy, certified_accuracy {form: {eps: acc}},
-    median_radius {form: r}, pgd_robust_accuracy {eps: acc}, violations {form: count},
-    certified_checked {form: number of certified points attacked}, attack_examples.
+    A `Report` (`.to_json()` for results.json).
   """
   box = attacks.pixel_box(pgd_kwargs.get('clip_min', 0.0), pgd_kwargs.get('clip_max', 1.0))
   checks.check_images(images, ndim=None, pixel_range=box)
-  result = certify_dataset(apply_fn, variables, cert, images, labels, eps, batch_size=batch_size)
+  radii = certify_dataset(apply_fn, variables, cert, images, labels, eps, batch_size=batch_size)
   n = min(attack_examples, len(images))
   x, y = images[:n], labels[:n]
   fn = jax.jit(lambda z: apply_fn(variables, z))
   keys = jax.random.split(key, len(eps) + len(FORMS))
-  pgd = {
-    f'{e:g}': float(
-      attacks.robust_accuracy_batched(fn, x, y, e, key=k, batch_size=batch_size, **pgd_kwargs)
-    )
+  pgd = [
+    float(attacks.robust_accuracy_batched(fn, x, y, e, key=k, batch_size=batch_size, **pgd_kwargs))
     for e, k in zip(eps, keys, strict=False)
-  }
-  violations, checked = {}, {}
+  ]
+  soundness = {}
   for f, k in zip(FORMS, keys[len(eps) :], strict=True):
-    radius = np.where(np.isfinite(result[f'radius_{f}'][:n]), result[f'radius_{f}'][:n], 1e6)
-    certified = result['correct'][:n] & (radius > 0)
+    r = radii.forms[f].radius[:n]
+    radius = np.where(np.isfinite(r), r, 1e6)
+    certified = radii.correct[:n] & (radius > 0)
     count = 0
     for i in range(0, n, batch_size):
       sl = slice(i, i + batch_size)
@@ -207,18 +251,5 @@ def robustness_report(
           fn, x[sl], y[sl], radius[sl], certified[sl], key=jax.random.fold_in(k, i), **pgd_kwargs
         )
       )
-    violations[f], checked[f] = count, int(certified.sum())
-  return {
-    'clean_accuracy': float(result['correct'].mean()),
-    'certified_accuracy': {
-      f: {f'{e:g}': float(a) for e, a in zip(eps, result[f'certified_accuracy_{f}'], strict=True)}
-      for f in FORMS
-    },
-    'median_radius': {f: result[f'median_radius_{f}'] for f in FORMS},
-    'pgd_robust_accuracy': pgd,
-    'violations': violations,
-    'certified_checked': checked,
-    'attack_examples': n,
-    '_radius': {f: result[f'radius_{f}'] for f in FORMS},
-    '_correct': result['correct'],
-  }
+    soundness[f] = Soundness(count, int(certified.sum()))
+  return Report(radii, np.asarray(pgd), soundness, n)

@@ -20,7 +20,6 @@ Placement of weight decay and momentum (they change what VGC sees):
 """
 
 import dataclasses
-import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -31,7 +30,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from tsuzuku_jax import checks, data
+from tsuzuku_jax import checks, data, loop
 from tsuzuku_jax.vgc import allreduce, compression, transforms, variance
 
 AXIS = 'data'
@@ -62,6 +61,7 @@ class DPConfig:
   weight_decay_on: str = 'update'  # 'update' | 'gradient'
   seed: int = 0
   eval_every: int = 100
+  checkpoint_every: int = 500  # with a workdir: orbax checkpoints (resume inside a run)
 
   def __post_init__(self):
     checks = [
@@ -82,6 +82,10 @@ class DPConfig:
       (self.schedule in ('cosine', 'constant'), f'unknown schedule {self.schedule!r}'),
       (self.estimator in variance.ESTIMATORS, f'estimator must be one of {variance.ESTIMATORS}'),
       (self.eval_every > 0, f'eval_every must be positive, got {self.eval_every}'),
+      (
+        self.checkpoint_every > 0,
+        f'checkpoint_every must be positive, got {self.checkpoint_every}',
+      ),
       (
         self.estimator != 'microbatch'
         or (self.microbatches >= 2 and (self.batch_size // self.workers) % self.microbatches == 0),
@@ -245,6 +249,9 @@ def accuracy(apply_fn: Callable, params, images: np.ndarray, labels: np.ndarray,
   return correct / len(images)
 
 
+BYTES = ('dense_bytes', 'static_bytes', 'ideal_bytes', 'elements', 'sent', 'overflow')
+
+
 def train(
   loss_fn: Callable,
   apply_fn: Callable,
@@ -253,10 +260,14 @@ def train(
   train_data: tuple[np.ndarray, np.ndarray],
   test_data: tuple[np.ndarray, np.ndarray],
   *,
+  workdir: str | None = None,
   mesh=None,
   log: Callable[[str], None] = print,
 ) -> tuple[Any, dict]:
-  """Runs `config.steps` compressed data-parallel steps from `params`.
+  """Runs (or resumes) `config.steps` compressed data-parallel steps from `params` on the
+  shared loop (`loop.run`): with a `workdir`, orbax checkpoints every `checkpoint_every` steps,
+  metrics.jsonl and TensorBoard scalars; a restarted run resumes from its last checkpoint and
+  returns the history an uninterrupted run would.
 
   Args:
     loss_fn: `(params, {'image', 'label'}) -> (mean loss, accuracy)` over a local batch.
@@ -264,17 +275,19 @@ def train(
     params: initial parameters.
     config: the run's settings.
     train_data, test_data: `(images, labels)` host arrays.
+    workdir: where the run's checkpoints and metrics go (None: nothing is written).
     mesh: mesh with axis 'data' (ignored when simulating; default: all devices).
     log: progress sink.
 
   Returns:
-    `(params, history)`: history holds per-step 'density' (sent / elements) and 'overflow',
+    `(params, history)` (`history`): per-step 'density' (sent / elements) and 'overflow',
     per-evaluation 'eval_step', 'test_accuracy', 'train_loss', cumulative 'ratio_static',
     'ratio_ideal' (bytes) and 'ratio_elements', and the totals.
 
   Raises:
     InvalidInput: non-finite parameters or images, or labels outside [0, K) for the K logits
       of `apply_fn` (checked once, before the first step).
+    TrainingDiverged: the training loss became NaN/Inf.
   """
   checks.check_params(params)
   for split, (x, y) in (('train', train_data), ('test', test_data)):
@@ -284,47 +297,45 @@ def train(
   state, tx = init_state(config, params)
   state = place(state, config, mesh)
   step_fn = make_train_step(loss_fn, config, tx, mesh)
+
+  def batches(epoch):
+    for b in data.epoch_batches(images, labels, config.batch_size, seed=config.seed, epoch=epoch):
+      yield b if config.simulate else data.shard_batch(b, mesh or data.data_mesh())
+
+  def on_log(step, state, window):
+    sums = {k: float(sum(float(m[k]) for m in window)) for k in BYTES}
+    return {
+      'test_accuracy': accuracy(apply_fn, state.params, *test_data),
+      'ratio': sums['dense_bytes'] / max(sums['ideal_bytes'], 1.0),  # this window's
+      'density_steps': [float(m['sent']) / float(m['elements']) for m in window],
+      'overflow_steps': [float(m['overflow']) for m in window],
+      'sums': sums,  # over the window's steps
+    }
+
   per_epoch = data.steps_per_epoch(len(images), config.batch_size)
-  keys = ('dense_bytes', 'static_bytes', 'ideal_bytes', 'elements', 'sent', 'overflow')
-  totals = dict.fromkeys(keys, 0.0)
+  schedule = loop.Schedule(config.steps, per_epoch, config.eval_every, config.checkpoint_every)
+  shown = ('loss', 'test_accuracy', 'ratio')
+  state, records = loop.run(state, step_fn, batches, schedule, workdir, label=config.method,
+                            shown=shown, on_log=on_log, log=log)  # fmt: skip
+  return state.params, history(records)
+
+
+def history(records: list[dict]) -> dict:
+  """`train`'s history from its loop records (one per evaluation): per-step density and
+  overflow, per-evaluation accuracy and loss, cumulative ratios and the totals."""
   hist = {k: [] for k in ('density', 'overflow', 'eval_step', 'test_accuracy', 'train_loss')}
   hist.update(ratio_static=[], ratio_ideal=[], ratio_elements=[])
-  window, step, t0 = [], 0, time.time()
-  while step < config.steps:
-    epoch = step // per_epoch
-    for batch in data.epoch_batches(
-      images, labels, config.batch_size, seed=config.seed, epoch=epoch
-    ):
-      if not config.simulate:
-        batch = data.shard_batch(batch, mesh or data.data_mesh())
-      state, metrics = step_fn(state, batch)
-      window.append(metrics)
-      step += 1
-      if step % config.eval_every and step != config.steps:
-        continue
-      host = jax.device_get(window)
-      window = []
-      for m in host:
-        for k in keys:
-          totals[k] += float(m[k])
-        hist['density'].append(float(m['sent']) / float(m['elements']))
-        hist['overflow'].append(float(m['overflow']))
-      loss = float(np.mean([m['loss'] for m in host]))
-      if not np.isfinite(loss):
-        raise FloatingPointError(f'{config.method}: training loss is {loss} at step {step}')
-      acc = accuracy(apply_fn, state.params, *test_data)
-      hist['eval_step'].append(step)
-      hist['test_accuracy'].append(acc)
-      hist['train_loss'].append(loss)
-      hist['ratio_static'].append(totals['dense_bytes'] / totals['static_bytes'])
-      hist['ratio_ideal'].append(totals['dense_bytes'] / totals['ideal_bytes'])
-      hist['ratio_elements'].append(totals['elements'] / max(totals['sent'], 1.0))
-      log(
-        f'{config.method} step {step}/{config.steps} loss {loss:.4f} test acc {acc:.4f} '
-        f'ratio {hist["ratio_ideal"][-1]:.1f}x density {hist["density"][-1]:.2e} '
-        f'{step / (time.time() - t0):.1f} steps/s'
-      )
-      if step == config.steps:
-        break
+  totals = dict.fromkeys(BYTES, 0.0)
+  for r in records:
+    for k in BYTES:
+      totals[k] += r['sums'][k]
+    hist['density'] += r['density_steps']
+    hist['overflow'] += r['overflow_steps']
+    hist['eval_step'].append(r['step'])
+    hist['test_accuracy'].append(r['test_accuracy'])
+    hist['train_loss'].append(r['loss'])
+    hist['ratio_static'].append(totals['dense_bytes'] / totals['static_bytes'])
+    hist['ratio_ideal'].append(totals['dense_bytes'] / totals['ideal_bytes'])
+    hist['ratio_elements'].append(totals['elements'] / max(totals['sent'], 1.0))
   hist['totals'] = totals
-  return state.params, hist
+  return hist

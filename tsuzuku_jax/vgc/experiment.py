@@ -3,8 +3,9 @@ exchange, the byte and accuracy summary, and the modelled speed-ups; `run(Config
 workdir)` from a notebook, or `experiments/vgc.py` from flags.
 
 Each run trains on all devices (one worker per device), or on `workers` simulated workers on
-one device (`simulate`), and writes WORKDIR/<method>/seed<k>.json (read back when it exists: an
-interrupted sweep resumes where it stopped), WORKDIR/results.json (accuracy, cumulative
+one device (`simulate`), in WORKDIR/<method>/seed<k>/ (orbax checkpoints, metrics.jsonl,
+TensorBoard scalars: an interrupted training resumes from its last checkpoint), then writes
+WORKDIR/<method>/seed<k>.json (read back when it exists), WORKDIR/results.json (accuracy, cumulative
 compression ratios, density, overflow, modelled speed-ups per method) and
 WORKDIR/accuracy_vs_compression.png. WORKDIR/run.json records the run: a later call resumes
 only the same configuration, data and number of workers.
@@ -23,7 +24,7 @@ from tsuzuku_jax import checks, data, models, train_lib, workdir
 from tsuzuku_jax.vgc import compression, cost_model
 from tsuzuku_jax.vgc import data_parallel as dp
 
-NEUTRAL = ('eval_every', 'overwrite', 'workdir')
+NEUTRAL = ('eval_every', 'checkpoint_every', 'overwrite', 'workdir')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +57,7 @@ class Config:
   weight_decay: float = 0.0
   weight_decay_on: str = 'update'
   eval_every: int = 100
+  checkpoint_every: int = 500  # orbax checkpoints of each training (it resumes inside)
   # The speed-up model's reference network (ASSUMED accelerator figures, not measured here).
   reference_params: float = 25e6
   reference_t_compute_ms: float = 85.0
@@ -102,7 +104,8 @@ def _one_run(config, method, seed, workers, model, train, test, path, log) -> di
   if os.path.exists(path):
     with open(path) as f:
       record = json.load(f)
-    if record['config'] != workdir.normalize(dpc.__dict__):
+    ours = {k: v for k, v in workdir.normalize(dpc.__dict__).items() if k not in NEUTRAL}
+    if {k: v for k, v in record['config'].items() if k not in NEUTRAL} != ours:
       raise workdir.WorkdirMismatch(
         f'workdir: {path} was written with other settings; use a new workdir'
       )
@@ -117,7 +120,8 @@ def _one_run(config, method, seed, workers, model, train, test, path, log) -> di
 
   params = model.init(jax.random.key(seed), train[0][:1])['params']
   try:
-    _, hist = dp.train(loss_fn, apply_fn, params, dpc, train, test)
+    run_dir = path.removesuffix('.json')  # checkpoints, metrics.jsonl, tensorboard/
+    _, hist = dp.train(loss_fn, apply_fn, params, dpc, train, test, workdir=run_dir, log=log)
   except FloatingPointError as e:
     log(f'error: {e}; recorded as diverged')
     record = {'config': dpc.__dict__, 'diverged': str(e)}
