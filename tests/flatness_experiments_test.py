@@ -88,7 +88,7 @@ def test_config_from_notebook_runs_the_same_experiment(tmp_path):
   lines = []
   results = experiment.run(config, str(tmp_path), log=lines.append)
   assert results['config']['widths'] == (8,) and results['zoo']['models'] == 2
-  assert sum('] w8_d1' in line for line in lines) == 2 and len(results['bound']['rows']) == 2
+  assert sum('/2 w8_d1' in line for line in lines) == 2 and len(results['bound']['rows']) == 2
   assert json.loads((tmp_path / 'results.json').read_text())['config']['widths'] == [8]
   assert (tmp_path / 'flatness.png').exists() and len(list(tmp_path.glob('zoo/*/model.json'))) == 2
   assert experiment.run(config, str(tmp_path), log=lines.append) is None  # complete: nothing
@@ -98,7 +98,7 @@ def test_config_from_notebook_runs_the_same_experiment(tmp_path):
 
 def test_tiny_zoo_and_bound_then_resume(tmp_path):
   out = _run(f'--workdir={tmp_path}', *TINY).stdout
-  assert out.count('] w16_d2') == 4
+  assert out.count('/4 w16_d2') == 4  # one progress line per model
   results = json.loads((tmp_path / 'results.json').read_text())
   assert results['experiment'] == 'flatness'
   assert results['config']['widths'] == [16] and results['config']['label_noises'] == [0, 0.2]
@@ -123,7 +123,7 @@ def test_tiny_zoo_and_bound_then_resume(tmp_path):
   (tmp_path / 'results.json').unlink()
   stamps = {p: p.stat().st_mtime_ns for p in tmp_path.glob('zoo/*/model.json')}
   again = _run(f'--workdir={tmp_path}', *TINY).stdout
-  assert '] w16_d2' not in again and 'resuming the run' in again
+  assert '/4 w16_d2' not in again and 'resuming the run' in again
   assert {p: p.stat().st_mtime_ns for p in tmp_path.glob('zoo/*/model.json')} == stamps
   assert json.loads((tmp_path / 'results.json').read_text())['zoo']['tau'] == zoo['tau']
   # Another bound model in the same workdir: one line naming the flag, nothing changed.

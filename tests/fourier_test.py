@@ -97,8 +97,8 @@ def test_linear_conv_gap_net_is_sensitive_only_at_dc(key):
   params = net.init(key, x)
   logits_fn = lambda im: net.apply(params, im)
   y = jnp.argmax(logits_fn(x), -1)
-  _, loss = fourier.heat_map(logits_fn, x, y, 3.0, batch=16, chunk=16, clip=None)
-  _, loss0 = fourier.heat_map(logits_fn, x, y, 0.0, batch=16, chunk=16, clip=None)
+  _, loss = fourier.heat_map(logits_fn, x, y, 3.0, key=key, batch=16, chunk=16, clip=None)
+  _, loss0 = fourier.heat_map(logits_fn, x, y, 0.0, key=key, batch=16, chunk=16, clip=None)
   diff = np.abs(np.asarray(loss - loss0))[0]
   assert diff[0, 0] > 1e-3  # the DC direction moves the logits
   diff[0, 0] = 0
@@ -151,6 +151,8 @@ def test_bad_input_is_named():
     fourier.heat_map(f, x, jnp.zeros(4, int), 1.0)
   with pytest.raises(ValueError, match='eps'):
     fourier.heat_map(f, x[..., None], jnp.zeros(4, int), -1.0)
+  with pytest.raises(ValueError, match="mode='random_sign' needs a PRNG key"):
+    fourier.heat_map(f, x[..., None], jnp.zeros(4, int), 1.0)  # no silent default key
   with pytest.raises(ValueError, match='outside the 8x8 grid'):
     fourier.linf_of_unit_direction((8, 8), (8, 0))
   with pytest.raises(ValueError, match='>= 0'):

@@ -105,12 +105,18 @@ def test_progress_rate_and_eta_leave_out_the_first_unit():
     now[0] += 2.0
     bar.update(done)
   assert lines[-1] == 'heat map 3/5 0.5 batches/s ETA 4s'  # 2 s per batch, not 34 / 3
+  # Every 60 s: a phase that ends within a minute prints nothing; a longer one prints once a
+  # minute and its end.
   quiet = progress.Progress('x', 100, every=60.0, log=lines.append, clock=lambda: now[0])
   n = len(lines)
-  for done in range(1, 100):
+  for done in range(1, 101):
     quiet.update(done)
-  quiet.update(100)
-  assert len(lines) == n + 2  # the first line and the last, nothing between within a minute
+  assert len(lines) == n
+  slow = progress.Progress('y', 100, every=60.0, log=lines.append, clock=lambda: now[0])
+  for done in range(1, 101):
+    now[0] += 1.0
+    slow.update(done)
+  assert lines[n:] == ['y 60/100 1 steps/s ETA 40s', 'y 100/100 1 steps/s ETA 0s']
   with pytest.raises(ValueError, match='start=5, total=3'):
     progress.Progress('x', 3, start=5)
 

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tsuzuku_jax import checks
+from tsuzuku_jax import checks, progress
 
 LogitsFn = Callable[[jax.Array], jax.Array]
 
@@ -310,12 +310,16 @@ def robust_accuracy_batched(
   eps = _per_example(eps, x)
   n = x.shape[0]
   correct = jnp.zeros((), jnp.float32)
-  for i, start in enumerate(range(0, n, batch_size)):
+  starts = range(0, n, batch_size)
+  bar = progress.Progress(f'PGD ({n} points)', len(starts), unit='batches')
+  for i, start in enumerate(starts):
     sl = slice(start, start + batch_size)
     acc = robust_accuracy(
       logits_fn, x[sl], y[sl], eps[sl], key=jax.random.fold_in(key, i), **pgd_kwargs
     )
     correct += acc * x[sl].shape[0]
+    jax.block_until_ready(correct)  # so that the progress line times the work
+    bar.update(i + 1)
   return correct / n
 
 

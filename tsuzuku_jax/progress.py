@@ -2,9 +2,9 @@
 
 `Progress` prints `label done/total rate ETA` for a long phase (training, certification, an
 attack, a heat map, a search, the flatness measures). The clock starts when the first unit is
-done: that unit paid for compilation, so neither the rate nor the ETA counts it. Lines are
-printed at most every `every` seconds (and always for the last unit), so a phase of many small
-units does not flood a notebook.
+done: that unit paid for compilation, so neither the rate nor the ETA counts it. A line is
+printed every `every` seconds (10 by default), and a last one when such a phase ends, so a
+phase of many small units does not flood a notebook and a short phase prints nothing.
 
 `Scalars` writes metrics to TensorBoard event files with tensorboardX (no TensorFlow), so a run
 can be watched live with `tensorboard --logdir WORKDIR`; nothing is written when `logdir` is
@@ -41,7 +41,7 @@ class Progress:
     self.label, self.total, self.unit, self.every = label, total, unit, every
     self.log, self.clock = log, clock
     self.warm: tuple[int, float] | None = None  # (units, time) when the first unit was done
-    self.start, self.last_print = start, None
+    self.start, self.last_print, self.began = start, None, clock()
 
   def rate(self, done: int) -> float | None:
     """Units per second since the first unit (None until a second one is done)."""
@@ -65,10 +65,12 @@ class Progress:
     return now
 
   def update(self, done: int, extra: str = '', *, force: bool = False) -> None:
-    """Records that `done` units are finished; prints when due (or `force`, or at the end)."""
+    """Records that `done` units are finished; prints when `every` seconds have passed since
+    the last line (or the start), at the end of a phase that printed before, or when `force`d:
+    a phase shorter than `every` prints nothing."""
     now = self.mark(done)
-    due = self.last_print is None or now - self.last_print >= self.every
-    if force or due or done >= self.total:
+    due = now - (self.began if self.last_print is None else self.last_print) >= self.every
+    if force or due or (done >= self.total and self.last_print is not None):
       self.log(self.line(done, extra))
       self.last_print = now
 

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from tsuzuku_jax import models, train_lib, workdir
+from tsuzuku_jax import models, progress, train_lib, workdir
 from tsuzuku_jax.flatness import measures, rank_correlation
 from tsuzuku_jax.flatness.rescaling import rescale_neurons
 
@@ -97,27 +97,29 @@ def train_zoo(config, train, test, path: str, log: Callable[[str], None]) -> lis
   model.json is read back, never recomputed (an interrupted run resumes where it stopped)."""
   seeds = [int(s) for s in config.seeds]
   points = rank_correlation.grid(**grid(config))
-  rows, measure_fns = [], {}
-  total = len(points) * len(seeds)
-  for seed in seeds:
-    for hp in points:
-      name = model_name(hp, seed)
-      model_path = os.path.join(path, 'zoo', name)
-      done = os.path.join(model_path, 'model.json')
-      if os.path.exists(done):
-        with open(done) as f:
-          rows.append(json.load(f))
-        continue
-      try:
-        rec = train_model(config, hp, seed, train, test, measure_fns, model_path)
-      except train_lib.TrainingDiverged as e:
-        rec = {**hp, 'seed': seed, 'diverged': str(e)}
-      workdir.write_json(done, rec)
-      rows.append(rec)
-      log(
-        f'[{len(rows)}/{total}] {name}: steps {rec.get("steps")} loss '
-        f'{rec.get("train_loss", float("nan")):.4f} gap {rec.get("gap", float("nan")):.3f}'
-      )
+  names = [(seed, hp, model_name(hp, seed)) for seed in seeds for hp in points]
+  done = [os.path.join(path, 'zoo', name, 'model.json') for _, _, name in names]
+  before = sum(os.path.exists(d) for d in done)
+  # ETA from the models trained in this invocation, the first one (compilation) left out.
+  bar = progress.Progress('zoo', len(names), unit='models', start=before, every=0.0, log=log)
+  rows, measure_fns, count = [], {}, before
+  for (seed, hp, name), record in zip(names, done, strict=True):
+    if os.path.exists(record):
+      with open(record) as f:
+        rows.append(json.load(f))
+      continue
+    try:
+      rec = train_model(config, hp, seed, train, test, measure_fns, os.path.dirname(record))
+    except train_lib.TrainingDiverged as e:
+      rec = {**hp, 'seed': seed, 'diverged': str(e)}
+    workdir.write_json(record, rec)
+    rows.append(rec)
+    count += 1
+    bar.update(
+      count,
+      f' {name}: steps {rec.get("steps")} loss '
+      f'{rec.get("train_loss", float("nan")):.4f} gap {rec.get("gap", float("nan")):.3f}',
+    )
   return rows
 
 

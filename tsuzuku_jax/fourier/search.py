@@ -5,6 +5,7 @@ random perturbations start to fool (`calibrate_eps`).
 """
 
 import functools
+import itertools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -12,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tsuzuku_jax import attacks
+from tsuzuku_jax import attacks, progress
 from tsuzuku_jax.fourier.directions import (
   _check_inputs,
   _perturb,
@@ -39,12 +40,27 @@ def candidate_perturbation(hw_c, index: int, eps: float, norm: str = 'l2') -> ja
   return perturbation(direction, sign_patterns(c)[s], eps, norm)
 
 
-@functools.partial(jax.jit, static_argnames=('query_fn', 'chunk', 'batch', 'norm', 'clip'))
-def _fooled_counts(query_fn, images, ref, cand, eps, *, chunk, batch, norm, clip):
-  """Number of images whose predicted label differs from `ref`, per candidate index."""
+@functools.partial(jax.jit, static_argnames=('query_fn', 'chunk', 'norm', 'clip'))
+def _fooled_chunk(query_fn, imgs, refs, valid, cand, eps, ci, *, chunk, norm, clip):
+  """Per candidate of chunk `ci` (cand[ci * chunk:][:chunk]): the number of images whose
+  predicted label differs from `refs`, over the padded image batches (scan)."""
+  n_batches, batch, h, w, c = imgs.shape
+  idx = jax.lax.dynamic_slice_in_dim(cand, ci * chunk, chunk)
+  dirs = basis((h, w), all_frequencies((h, w))[idx // (2**c)])
+  deltas = jax.vmap(lambda d, s: _perturb(d, s, eps, norm))(dirs, sign_patterns(c)[idx % (2**c)])
+
+  def one_batch(total, bi):
+    pred = query_fn(_perturbed(imgs[bi], deltas[:, None], clip)).reshape(chunk, batch)
+    return total + jnp.sum((pred != refs[bi]) & valid[bi], 1), None
+
+  total, _ = jax.lax.scan(one_batch, jnp.zeros((chunk,), jnp.int32), jnp.arange(n_batches))
+  return total
+
+
+def _fooled_counts(query_fn, images, ref, cand, eps, *, chunk, batch, norm, clip, label='search'):
+  """Number of images whose predicted label differs from `ref`, per candidate index: every
+  chunk of candidates through one compiled `_fooled_chunk`, with progress lines."""
   n, h, w, c = images.shape
-  freqs = all_frequencies((h, w))
-  signs = sign_patterns(c)
   k = cand.shape[0]
   n_chunks, n_batches = -(-k // chunk), -(-n // batch)
   cand = jnp.concatenate([cand, jnp.zeros((n_chunks * chunk - k,), cand.dtype)])
@@ -54,20 +70,13 @@ def _fooled_counts(query_fn, images, ref, cand, eps, *, chunk, batch, norm, clip
   valid = jnp.arange(n_batches * batch) < n
   imgs = imgs.reshape(n_batches, batch, h, w, c)
   refs, valid = refs.reshape(n_batches, batch), valid.reshape(n_batches, batch)
-
-  def one_chunk(ci):
-    idx = jax.lax.dynamic_slice_in_dim(cand, ci * chunk, chunk)
-    dirs = basis((h, w), freqs[idx // (2**c)])
-    deltas = jax.vmap(lambda d, s: _perturb(d, s, eps, norm))(dirs, signs[idx % (2**c)])
-
-    def one_batch(total, bi):
-      pred = query_fn(_perturbed(imgs[bi], deltas[:, None], clip)).reshape(chunk, batch)
-      return total + jnp.sum((pred != refs[bi]) & valid[bi], 1), None
-
-    total, _ = jax.lax.scan(one_batch, jnp.zeros((chunk,), jnp.int32), jnp.arange(n_batches))
-    return total
-
-  return jax.lax.map(one_chunk, jnp.arange(n_chunks)).reshape(-1)[:k]
+  bar = progress.Progress(f'{label} ({k} candidates x {n} images)', n_chunks, unit='chunks')
+  out = []
+  for ci in range(n_chunks):
+    out.append(np.asarray(_fooled_chunk(query_fn, imgs, refs, valid, cand, eps, jnp.int32(ci),
+                                        chunk=chunk, norm=norm, clip=clip)))  # fmt: skip
+    bar.update(ci + 1)
+  return np.concatenate(out)[:k]
 
 
 class AttackResult(NamedTuple):
@@ -147,10 +156,10 @@ def fourier_attack(
   kw = dict(chunk=chunk, norm=norm, clip=clip)
   cand = jnp.arange(h * w * 2**c, dtype=jnp.int32)
   m = n if search == 'exhaustive' else min(first_images, n)
-  while True:
+  for r in itertools.count(1):
     # batch <= m: a small halving round must not pay for padding up to a full batch.
-    counts = _fooled_counts(query_fn, images[:m], labels[:m], cand, eps, batch=min(batch, m), **kw)
-    counts = np.asarray(counts)
+    counts = _fooled_counts(query_fn, images[:m], labels[:m], cand, eps, batch=min(batch, m),
+                            label=f'search round {r}', **kw)  # fmt: skip
     queries += int(cand.size) * m
     order = np.lexsort((np.asarray(cand), -counts))  # most fooled first, then lowest index
     if m == n:

@@ -1,5 +1,5 @@
 """Fourier heat maps: the error rate and mean loss of a model when one Fourier direction of a
-given L2 norm is added to every image, for every frequency of the grid, in one jit.
+given L2 norm is added to every image, for every frequency of the grid, by one compiled function.
 """
 
 import functools
@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tsuzuku_jax import checks
+from tsuzuku_jax import checks, progress
 from tsuzuku_jax.fourier.directions import _check_inputs, _perturbed, all_frequencies, basis
 
 LogitsFn = Callable[[jax.Array], jax.Array]
@@ -37,8 +37,41 @@ def image_signs(key: jax.Array, direction_index, n: int) -> jax.Array:
   return jax.random.rademacher(jax.random.fold_in(key, direction_index), (n,), jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnames=('logits_fn', 'chunk', 'batch', 'mode', 'clip'))
+@functools.partial(jax.jit, static_argnames=('logits_fn', 'chunk', 'batch', 'mode', 'clip', 'n'))
+def _heat_chunk(logits_fn, imgs, labs, valid, freqs, eps, key, ci, *, chunk, batch, mode, clip, n):
+  """Misclassified counts and summed losses, (C', chunk) each, of direction chunk `ci` (the
+  directions freqs[ci * chunk:][:chunk]) over the padded image batches (scan)."""
+  n_batches, _, h, w, c = imgs.shape
+  pad = n_batches * batch - n
+  channels = range(c) if mode == 'per_channel' else [None]
+  dirs = basis((h, w), jax.lax.dynamic_slice_in_dim(freqs, ci * chunk, chunk))
+  if mode == 'random_sign':
+    ks = ci * chunk + jnp.arange(chunk)
+    signs = jax.vmap(lambda k: image_signs(key, k, n))(ks)
+    signs = jnp.concatenate([signs, jnp.ones((chunk, pad), signs.dtype)], 1)
+
+  def one_batch(carry, bi):
+    x, y = imgs[bi], labs[bi]
+    outs = []
+    for ch in channels:
+      if ch is None:  # the same pattern on every channel, one random sign per image
+        sgn = jax.lax.dynamic_slice_in_dim(signs, bi * batch, batch, axis=1)
+        deltas = eps * sgn[:, :, None, None, None] * dirs[:, None, :, :, None] / np.sqrt(c)
+      else:
+        onehot = jax.nn.one_hot(ch, c)
+        deltas = eps * dirs[:, None, :, :, None] * onehot
+      outs.append(_errors_and_loss(logits_fn, x, y, deltas, clip, valid[bi]))
+    wrong = jnp.stack([o[0] for o in outs])
+    loss = jnp.stack([o[1] for o in outs])
+    return (carry[0] + wrong, carry[1] + loss), None
+
+  zero = jnp.zeros((len(channels), chunk), jnp.float32)
+  (wrong, loss), _ = jax.lax.scan(one_batch, (zero, zero), jnp.arange(n_batches))
+  return wrong, loss
+
+
 def _heat_map(logits_fn, images, labels, eps, key, *, chunk, batch, mode, clip):
+  """Every direction chunk through one compiled `_heat_chunk`, with progress lines."""
   n, h, w, c = images.shape
   freqs = all_frequencies((h, w))
   k = freqs.shape[0]
@@ -50,37 +83,18 @@ def _heat_map(logits_fn, images, labels, eps, key, *, chunk, batch, mode, clip):
   imgs = imgs.reshape(n_batches, batch, h, w, c)
   labs = jnp.concatenate([labels, jnp.zeros((pad,), labels.dtype)]).reshape(n_batches, batch)
   valid = (jnp.arange(n_batches * batch) < n).reshape(n_batches, batch)
-  channels = range(c) if mode == 'per_channel' else [None]
-
-  def one_chunk(ci):
-    dirs = basis((h, w), jax.lax.dynamic_slice_in_dim(freqs, ci * chunk, chunk))
-    if mode == 'random_sign':
-      ks = ci * chunk + jnp.arange(chunk)
-      signs = jax.vmap(lambda k: image_signs(key, k, n))(ks)
-      signs = jnp.concatenate([signs, jnp.ones((chunk, pad), signs.dtype)], 1)
-
-    def one_batch(carry, bi):
-      x, y = imgs[bi], labs[bi]
-      outs = []
-      for ch in channels:
-        if ch is None:  # the same pattern on every channel, one random sign per image
-          sgn = jax.lax.dynamic_slice_in_dim(signs, bi * batch, batch, axis=1)
-          deltas = eps * sgn[:, :, None, None, None] * dirs[:, None, :, :, None] / np.sqrt(c)
-        else:
-          onehot = jax.nn.one_hot(ch, c)
-          deltas = eps * dirs[:, None, :, :, None] * onehot
-        outs.append(_errors_and_loss(logits_fn, x, y, deltas, clip, valid[bi]))
-      wrong = jnp.stack([o[0] for o in outs])
-      loss = jnp.stack([o[1] for o in outs])
-      return (carry[0] + wrong, carry[1] + loss), None
-
-    zero = jnp.zeros((len(channels), chunk), jnp.float32)
-    (wrong, loss), _ = jax.lax.scan(one_batch, (zero, zero), jnp.arange(n_batches))
-    return wrong, loss
-
-  wrong, loss = jax.lax.map(one_chunk, jnp.arange(n_chunks))  # (n_chunks, C', chunk)
-  err = jnp.moveaxis(wrong, 1, 0).reshape(len(channels), -1)[:, :k] / n
-  los = jnp.moveaxis(loss, 1, 0).reshape(len(channels), -1)[:, :k] / n
+  bar = progress.Progress(f'heat map ({n} images)', n_chunks, unit='direction chunks')
+  outs = []
+  for ci in range(n_chunks):
+    outs.append(_heat_chunk(logits_fn, imgs, labs, valid, freqs, eps, key, jnp.int32(ci),
+                            chunk=chunk, batch=batch, mode=mode, clip=clip, n=n))  # fmt: skip
+    jax.block_until_ready(outs[-1])
+    bar.update(ci + 1)
+  wrong = jnp.stack([o[0] for o in outs])  # (n_chunks, C', chunk)
+  loss = jnp.stack([o[1] for o in outs])
+  channels = c if mode == 'per_channel' else 1
+  err = jnp.moveaxis(wrong, 1, 0).reshape(channels, -1)[:, :k] / n
+  los = jnp.moveaxis(loss, 1, 0).reshape(channels, -1)[:, :k] / n
   return err.reshape(-1, h, w), los.reshape(-1, h, w)
 
 
@@ -98,8 +112,9 @@ def heat_map(
 ) -> tuple[jax.Array, jax.Array]:
   """Error rate and mean loss when one Fourier direction of L2 norm eps is added to every image.
 
-  Every frequency of the grid is evaluated inside one jit: `chunk` directions at a time
-  over the images in batches of `batch` (scan), so memory is bounded by chunk * batch images.
+  Every frequency of the grid is evaluated by one compiled function, `chunk` directions per
+  call over the images in batches of `batch` (scan), so memory is bounded by chunk * batch
+  images; a progress line with an ETA is printed every 10 s of a long map.
   Every image counts: the last batch is padded and the padding masked out, so the result is
   the average over all N images whatever `batch` is.
 
@@ -109,8 +124,8 @@ def heat_map(
     images: (N, H, W, C) finite, in pixel units (within `clip` when it is given).
     labels: (N,) int labels in [0, K).
     eps: L2 norm of the perturbation (over all channels), >= 0.
-    key: PRNG key for 'random_sign': direction k (the row-major index of (u, v)) flips image i
-      by `image_signs(key, k, N)[i]`; independent of chunk and batch.
+    key: PRNG key, required for 'random_sign': direction k (the row-major index of (u, v))
+      flips image i by `image_signs(key, k, N)[i]`; independent of chunk and batch.
     mode: 'random_sign' (the same pattern on every channel, times a random sign per image; Yin
       et al.'s code draws a sign per image and channel and puts the full norm on each channel)
       or 'per_channel' (one map per channel, perturbing only that channel).
@@ -137,7 +152,9 @@ def heat_map(
     raise ValueError(f'need chunk, batch and N >= 1; got chunk={chunk}, batch={batch}, N={n}')
   batch = min(batch, n)
   if key is None:
-    key = jax.random.key(0)
+    if mode == 'random_sign':
+      raise ValueError("mode='random_sign' needs a PRNG key: heat_map(..., key=jax.random.key(0))")
+    key = jax.random.key(0)  # unused by 'per_channel'
   clip = None if clip is None else tuple(float(a) for a in clip)
   return _heat_map(
     logits_fn,

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tsuzuku_jax import attacks, checks
+from tsuzuku_jax import attacks, checks, progress
 from tsuzuku_jax.lmt import analysis
 from tsuzuku_jax.lmt.analysis import Certificate, certificate
 from tsuzuku_jax.lmt.margins import FORMS, pairwise_bounds
@@ -131,11 +131,14 @@ def certify_dataset(
   checks.check_labels(labels, k, n=np.shape(images)[0])
   preds, radii = [], {f: [] for f in FORMS}
   lips = [pairwise_bounds(cert, f) for f in FORMS]
-  for i in range(0, len(images), batch_size):
+  starts = range(0, len(images), batch_size)
+  bar = progress.Progress(f'certify ({len(images)} points)', len(starts), unit='batches')
+  for j, i in enumerate(starts):
     out = _radii(apply_fn, variables, jnp.asarray(images[i : i + batch_size]), lips)
     for f, (_, r) in zip(FORMS, out, strict=True):
       radii[f].append(np.asarray(r))
     preds.append(np.asarray(out[0][0]))
+    bar.update(j + 1)
   pred = np.concatenate(preds)
   correct = pred == np.asarray(labels)
   forms = {}
@@ -239,17 +242,21 @@ def robustness_report(
     for e, k in zip(eps, keys, strict=False)
   ]
   soundness = {}
-  for f, k in zip(FORMS, keys[len(eps) :], strict=True):
+  starts = range(0, n, batch_size)
+  bar = progress.Progress(f'PGD inside the certified radii ({n} points)',
+                          len(FORMS) * len(starts), unit='batches')  # fmt: skip
+  for j, (f, k) in enumerate(zip(FORMS, keys[len(eps) :], strict=True)):
     r = radii.forms[f].radius[:n]
     radius = np.where(np.isfinite(r), r, 1e6)
     certified = radii.correct[:n] & (radius > 0)
     count = 0
-    for i in range(0, n, batch_size):
+    for b, i in enumerate(starts):
       sl = slice(i, i + batch_size)
       count += int(
         attacks.count_violations(
           fn, x[sl], y[sl], radius[sl], certified[sl], key=jax.random.fold_in(k, i), **pgd_kwargs
         )
       )
+      bar.update(j * len(starts) + b + 1)
     soundness[f] = Soundness(count, int(certified.sum()))
   return Report(radii, np.asarray(pgd), soundness, n)
