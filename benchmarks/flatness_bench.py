@@ -151,8 +151,8 @@ def _loss(model, variables, x, y):
 
 def check(loss, params, key) -> list[str]:
   ku, kv = jax.random.split(key)
-  u = flatness.rademacher_probes(ku, params, 1)
-  v = flatness.rademacher_probes(kv, params, 1)
+  u = flatness.rademacher_probes(params, 1, key=ku)
+  v = flatness.rademacher_probes(params, 1, key=kv)
   u, v = jax.tree.map(lambda a: a[0], u), jax.tree.map(lambda a: a[0], v)
   hvp = jax.jit(lambda p, w: flatness.hvp(loss, p, w))
   flat = lambda t: ravel_pytree(t)[0]  # noqa: E731
@@ -181,7 +181,7 @@ def run_model(name: str, args, ft=None) -> tuple[dict, list[str]]:
   loss = _loss(model, variables, x, y)
   failures = [f'{name}: {f}' for f in check(loss, params, jax.random.fold_in(key, 3))]
   k = args.probes
-  probes = flatness.rademacher_probes(jax.random.fold_in(key, 4), params, k)
+  probes = flatness.rademacher_probes(params, k, key=jax.random.fold_in(key, 4))
   one = jax.tree.map(lambda a: a[0], probes)
   # Parameters are jit arguments, not closed-over constants: XLA would constant-fold through
   # them (a CNN's max-pool under vmap then takes minutes to compile).

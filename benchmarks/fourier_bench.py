@@ -152,7 +152,7 @@ def _loop_heat_map(logits_fn, x, y, eps, key, batch):
   def run():
     err, los = np.zeros(h * w), np.zeros(h * w)
     for k in range(h * w):
-      signs = fourier.image_signs(key, k, n)
+      signs = fourier.image_signs(k, n, key=key)
       outs = [
         step(x[i : i + batch], y[i : i + batch], dirs[k], signs[i : i + batch])
         for i in range(0, n, batch)

@@ -186,7 +186,7 @@ def check_bounds(apply_fn, variables, shape, cert: lmt.Certificate, iterates) ->
   """
   failures = []
   with jax.default_matmul_precision('highest'):
-    segments = lmt.segment_report(cert)
+    segments = lmt.segment_report(cert, key=jax.random.key(0))
     step = lambda v, it: lmt.estimate(apply_fn, v, it, shape)  # noqa: E731
 
     @jax.jit

@@ -177,7 +177,7 @@ def test_bad_input_is_refused_by_name(key):
 
 
 def test_random_perturbations_have_the_norm(key):
-  r = attacks.random_perturbations(key, (6, 6, 2), 1.5, 5)
+  r = attacks.random_perturbations((6, 6, 2), 1.5, 5, key=key)
   np.testing.assert_allclose(jnp.linalg.norm(r.reshape(5, -1), axis=1), 1.5, rtol=1e-5)
-  r = attacks.random_perturbations(key, (6, 6, 2), 0.1, 3, norm='linf')
+  r = attacks.random_perturbations((6, 6, 2), 0.1, 3, key=key, norm='linf')
   np.testing.assert_allclose(jnp.abs(r), 0.1)

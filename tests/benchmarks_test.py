@@ -38,7 +38,7 @@ def test_check_fails_when_certificate_is_below_converged(bench, monkeypatch):
   shape = (4, 4, 1)
   variables = model.init(jax.random.key(0), jnp.zeros((1, *shape)))
   cert = lmt.certificate(model.apply, variables, shape)
-  iterates = lmt.init_iterates(model.apply, variables, shape, jax.random.key(1))
+  iterates = lmt.init_iterates(model.apply, variables, shape, key=jax.random.key(1))
   record, ok = bench.check_bounds(model.apply, variables, shape, cert, iterates)
   assert ok and not record['failures']
 

@@ -68,12 +68,16 @@ def test_hutchinson_is_unbiased_with_the_predicted_variance(key):
     quad = lambda p: 0.5 * ravel_pytree(p)[0] @ a @ ravel_pytree(p)[0]  # noqa: E731
     np.testing.assert_allclose(flatness.exact_hessian(quad, like), a, rtol=1e-12)
     k = 4000
-    est = flatness.hutchinson_trace(op, like, jax.random.fold_in(key, 1), k, chunk=64)
+    est = flatness.hutchinson_trace(
+      op, like, key=jax.random.fold_in(key, 1), num_probes=k, chunk=64
+    )
     var = 2 * (jnp.sum(a**2) - jnp.sum(jnp.diag(a) ** 2))
     assert abs(est.value - jnp.trace(a)) < 4 * jnp.sqrt(var / k)
     assert float(jnp.var(est.samples, ddof=1)) == pytest.approx(float(var), rel=0.1)
     assert float(est.stderr) == pytest.approx(float(jnp.sqrt(var / k)), rel=0.1)
-    d = flatness.hutchinson_diagonal(op, like, jax.random.fold_in(key, 2), k, chunk=64)
+    d = flatness.hutchinson_diagonal(
+      op, like, key=jax.random.fold_in(key, 2), num_probes=k, chunk=64
+    )
     mean, se = ravel_pytree(d.value)[0], ravel_pytree(d.stderr)[0]
     var_d = jnp.sum(a**2, 1) - jnp.diag(a) ** 2
     assert np.all(np.abs(mean - jnp.diag(a)) < 4.5 * jnp.sqrt(var_d / k))
@@ -84,11 +88,13 @@ def test_probe_chunking_does_not_change_the_estimate(key):
   with jax.enable_x64(True):
     loss, params, _, _ = _mlp_loss(key)
     op = flatness.hessian_op(loss, params)
-    a = flatness.hutchinson_trace(op, params, key, 24, chunk=8)
-    b = flatness.hutchinson_trace(op, params, key, 24, chunk=8)
+    a = flatness.hutchinson_trace(op, params, key=key, num_probes=24, chunk=8)
+    b = flatness.hutchinson_trace(op, params, key=key, num_probes=24, chunk=8)
     np.testing.assert_array_equal(a.samples, b.samples)
     assert a.samples.shape == (24,)
-    c = flatness.hutchinson_trace(op, params, key, 20, chunk=8)  # last chunk partly used
+    c = flatness.hutchinson_trace(
+      op, params, key=key, num_probes=20, chunk=8
+    )  # last chunk partly used
     np.testing.assert_array_equal(c.samples, a.samples[:20])
 
 
@@ -99,12 +105,12 @@ def test_lanczos_recovers_the_spectrum(key):
     n = h.shape[0]
     ev = jnp.sort(jnp.linalg.eigvalsh(h))[::-1]
     op = flatness.hessian_op(loss, params)
-    top = flatness.top_eigenvalues(op, params, key, k=3, num_iters=n)
+    top = flatness.top_eigenvalues(op, params, key=key, k=3, num_iters=n)
     np.testing.assert_allclose(top, ev[:3], rtol=1e-8, atol=1e-10)
-    res = flatness.lanczos(op, params, key, 20)
+    res = flatness.lanczos(op, params, key=key, num_iters=20)
     np.testing.assert_allclose(res.basis @ res.basis.T, jnp.eye(20), atol=1e-10)
     # A few iterations already find the top eigenvalue closely (it is well separated here).
-    few = flatness.top_eigenvalues(op, params, key, k=1, num_iters=30)
+    few = flatness.top_eigenvalues(op, params, key=key, k=1, num_iters=30)
     assert float(few[0]) == pytest.approx(float(ev[0]), rel=1e-6)
 
 
@@ -118,11 +124,11 @@ def test_bad_input_is_named(key):
     checks.check_params({'w': jnp.zeros(3, jnp.int32)})
   op = flatness.hessian_op(loss, params)
   with pytest.raises(ValueError, match='num_probes'):
-    flatness.hutchinson_trace(op, params, key, 0)
+    flatness.hutchinson_trace(op, params, key=key, num_probes=0)
   with pytest.raises(ValueError, match='num_iters'):
-    flatness.lanczos(op, params, key, 10**6)
+    flatness.lanczos(op, params, key=key, num_iters=10**6)
   with pytest.raises(ValueError, match='k'):
-    flatness.top_eigenvalues(op, params, key, k=0)
+    flatness.top_eigenvalues(op, params, key=key, k=0)
 
 
 def test_gauss_newton_diagonal_matches_dense_and_equals_h_for_a_linear_model(key):
@@ -190,7 +196,9 @@ def test_normalized_measures_are_invariant_to_rescaling(key, layerwise):
     ]
     np.testing.assert_allclose(gn[1], gn[0], rtol=1e-10, atol=1e-14)
     tr = [
-      flatness.hutchinson_trace(flatness.normalized_op(loss_of, p_), p_, probe, 8).value
+      flatness.hutchinson_trace(
+        flatness.normalized_op(loss_of, p_), p_, key=probe, num_probes=8
+      ).value
       for p_ in (params, scaled)
     ]
     assert float(tr[1]) == pytest.approx(float(tr[0]), rel=1e-10)
@@ -242,7 +250,9 @@ def test_filter_wise_measure_is_invariant_behind_batch_norm(key):
     assert float(loss(scaled)) == pytest.approx(float(loss(params)), rel=1e-12)
     probe = jax.random.fold_in(key, 6)
     est = [
-      flatness.hutchinson_trace(flatness.filter_normalized_op(loss, p), p, probe, 16).value
+      flatness.hutchinson_trace(
+        flatness.filter_normalized_op(loss, p), p, key=probe, num_probes=16
+      ).value
       for p in (params, scaled)
     ]
     assert float(est[1]) == pytest.approx(float(est[0]), rel=1e-10)
@@ -280,13 +290,17 @@ def test_matrix_norm_products_see_neuron_wise_but_not_layer_wise_rescaling(key):
 def test_rescale_neurons_keeps_the_function_and_moves_the_norms(key):
   with jax.enable_x64(True):
     _, params, apply, x = _mlp_loss(key, widths=(5, 7, 6, 3))
-    scaled = flatness.rescale_neurons(params, ['l0', 'l1', 'l2'], key, 0.1, 10.0, 'w', 'b')
+    scaled = flatness.rescale_neurons(
+      params, ['l0', 'l1', 'l2'], key=key, low=0.1, high=10.0, kernel='w', bias='b'
+    )
     np.testing.assert_allclose(apply(scaled, x), apply(params, x), rtol=1e-12, atol=1e-12)
     ratio = scaled['l0']['w'][0] / params['l0']['w'][0]
     assert 0.1 <= float(jnp.min(ratio)) and float(jnp.max(ratio)) <= 10.0
     assert float(jnp.max(ratio) / jnp.min(ratio)) > 3
     with pytest.raises(ValueError, match='low'):
-      flatness.rescale_neurons(params, ['l0', 'l1'], key, 0.0, 10.0, 'w', 'b')
+      flatness.rescale_neurons(
+        params, ['l0', 'l1'], key=key, low=0.0, high=10.0, kernel='w', bias='b'
+      )
 
 
 def test_sharpness_sigma_bisects_a_known_excess(key):
@@ -298,12 +312,12 @@ def test_sharpness_sigma_bisects_a_known_excess(key):
   z = jax.random.normal(jax.random.split(k, 1)[0], (4, 3))
   for magnitude, scale in ((False, 1.0), (True, jnp.abs(theta['w']))):
     got = flatness.sharpness_sigma(
-      err, theta, k, target=0.05, magnitude=magnitude, num_samples=4, iters=40
+      err, theta, key=k, target=0.05, magnitude=magnitude, num_samples=4, iters=40
     )
     want = 0.05 / float(jnp.mean(jnp.abs(scale * z)))
     assert float(got) == pytest.approx(want, rel=1e-6)
   with pytest.raises(ValueError, match='num_samples'):
-    flatness.sharpness_sigma(err, theta, k, num_samples=0)
+    flatness.sharpness_sigma(err, theta, key=k, num_samples=0)
 
 
 def test_measure_fn_is_invariant_where_it_says_so(key):
@@ -318,8 +332,10 @@ def test_measure_fn_is_invariant_where_it_says_so(key):
     params = fit(params)
   assert float(jnp.mean(jnp.argmax(apply(params, x), -1) == y)) > 0.9
   fn = flatness.measure_fn(apply, num_probes=8, lanczos_iters=8, sharpness_samples=4)
-  scaled = flatness.rescale_neurons(params, ['l0', 'l1', 'l2'], key, 0.1, 10.0, 'w', 'b')
-  a, b = fn(params, x, y, key), fn(scaled, x, y, key)
+  scaled = flatness.rescale_neurons(
+    params, ['l0', 'l1', 'l2'], key=key, low=0.1, high=10.0, kernel='w', bias='b'
+  )
+  a, b = fn(params, x, y, key=key), fn(scaled, x, y, key=key)
   for m in flatness.NORMALIZED_MEASURES:
     assert float(b[m]) == pytest.approx(float(a[m]), rel=1e-5), m
   for m in flatness.RAW_MEASURES:
@@ -327,7 +343,7 @@ def test_measure_fn_is_invariant_where_it_says_so(key):
   bad = jax.tree.map(lambda t: t, params)
   bad['l2']['b'] = bad['l2']['b'].at[0].set(jnp.inf)
   with pytest.raises(ValueError, match=r"\['l2'\]\['b'\].*non-finite"):
-    fn(bad, x, y, key)
+    fn(bad, x, y, key=key)
   # Against the dense references: the normalized trace's mean is tr(D H D) within its error.
   with jax.enable_x64(True):
     p64 = jax.tree.map(lambda t: t.astype(jnp.float64), params)
@@ -345,7 +361,7 @@ def test_measure_fn_is_invariant_where_it_says_so(key):
 def test_random_draws_are_those_of_one_call_per_leaf(key):
   # Drawn flat and reshaped (fast to compile on CPU), with the values of a per-leaf draw.
   like = {'conv': jnp.zeros((3, 3, 4, 5)), 'bias': jnp.zeros((5,)), 'dense': jnp.zeros((6, 2))}
-  probes = flatness.rademacher_probes(key, like, 4)
+  probes = flatness.rademacher_probes(like, 4, key=key)
   keys = jax.random.split(key, 3)
   for k, x, got in zip(keys, jax.tree.leaves(like), jax.tree.leaves(probes), strict=True):
     np.testing.assert_array_equal(got, jax.random.rademacher(k, (4, *x.shape), jnp.float32))
@@ -366,14 +382,14 @@ def test_rescale_neurons_on_a_conv_net_keeps_the_function(key):
   x = jax.random.uniform(key, (4, 8, 8, 2))
   with jax.enable_x64(True):
     v = jax.tree.map(lambda a: a.astype(jnp.float64), model.init(key, x[:1]))
-    scaled = flatness.rescale_neurons(v['params'], ['c0', 'c1', 'd0', 'd1'], key)
+    scaled = flatness.rescale_neurons(v['params'], ['c0', 'c1', 'd0', 'd1'], key=key)
     x64 = x.astype(jnp.float64)
     np.testing.assert_allclose(
       model.apply({'params': scaled}, x64), model.apply(v, x64), rtol=1e-10, atol=1e-12
     )
     assert not np.allclose(scaled['c1']['kernel'], v['params']['c1']['kernel'])
     with pytest.raises(ValueError, match="'d1'.*'c1'"):
-      flatness.rescale_neurons(v['params'], ['c1', 'd1'], key)
+      flatness.rescale_neurons(v['params'], ['c1', 'd1'], key=key)
 
 
 def test_measures_that_do_not_apply_are_refused_or_labelled(key):
@@ -386,7 +402,7 @@ def test_measures_that_do_not_apply_are_refused_or_labelled(key):
   assert 'reduce_window_max' in why['path_norm'] and 'conv' in why['spectral_product']
   fn = flatness.measure_fn(apply, num_probes=2, chunk=2, lanczos_iters=2, sharpness_samples=2,
                            sharpness_iters=2, gn_chunk=8)  # fmt: skip
-  out = fn(params, x, y, key)
+  out = fn(params, x, y, key=key)
   assert 'path_norm' not in out and 'spectral_product' not in out
   assert float(out['reshaped_spectral_product']) > 0
   # A plain ReLU MLP keeps both.

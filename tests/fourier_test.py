@@ -173,7 +173,7 @@ def test_random_sign_mode_is_seeded_and_sees_both_signs(key):
   # A loop over directions with the documented signs gives the same map.
   dirs = fourier.basis((4, 4), fourier.all_frequencies((4, 4)))
   for k in range(16):
-    s = fourier.image_signs(jax.random.key(1), k, 16)
+    s = fourier.image_signs(k, 16, key=jax.random.key(1))
     wrong = jnp.argmax(logits_fn(x + 3.0 * s[:, None, None, None] * dirs[k][..., None]), -1) != y
     assert float(a.reshape(-1)[k]) == float(jnp.mean(wrong))
   # Each image gets +b or -b, so its error is at most that under +b plus that under -b.
@@ -255,7 +255,7 @@ def test_whitebox_universal_stays_in_the_ball_and_beats_random(key):
   uap = fourier.fooling_rate(query, x, delta, y)
   rand = [
     fourier.fooling_rate(query, x, r, y)
-    for r in attacks.random_perturbations(key, (6, 6, 2), 1.5, 5)
+    for r in attacks.random_perturbations((6, 6, 2), 1.5, 5, key=key)
   ]
   assert uap > max(rand)
   d_inf = attacks.whitebox_universal(logits_fn, x, y, 0.05, key=key, steps=20, norm='linf')
@@ -278,7 +278,7 @@ def test_calibrate_eps_brackets_the_target(key):
   y = query(x)
   sub = jax.random.fold_in(key, 5)
   eps, rate = fourier.calibrate_eps(query, x, y, key=sub, target=0.1, trials=4, iters=10)
-  units = attacks.random_perturbations(sub, (6, 6, 2), 1.0, 4)
+  units = attacks.random_perturbations((6, 6, 2), 1.0, 4, key=sub)
 
   def mean_rate(e):
     return np.mean([fourier.fooling_rate(query, x, e * u, y) for u in units])
@@ -305,7 +305,7 @@ def test_heat_map_uses_every_image_whatever_the_batch(key):
   err, loss = fourier.heat_map(logits_fn, x, y, 3.0, key=hkey, batch=16, chunk=5)
   dirs = fourier.basis((4, 4), fourier.all_frequencies((4, 4)))
   for k in range(16):  # a per-image loop over all 45 images (16 does not divide 45)
-    s = fourier.image_signs(hkey, k, 45)
+    s = fourier.image_signs(k, 45, key=hkey)
     z = jnp.clip(x + 3.0 * s[:, None, None, None] * dirs[k][..., None], 0, 1)
     logits = logits_fn(z)
     wrong = [int(jnp.argmax(logits[i]) != y[i]) for i in range(45)]

@@ -215,7 +215,7 @@ VARIANTS = [('lmt', False), ('lmt', True), ('gloro', False)]
 def test_lmt_loss_variants_finite_and_bound_gradient():
   apply_fn, variables, _, _ = _model('mlp')
   x, y = _data(16)
-  iterates = lmt.init_iterates(apply_fn, variables, (8, 8, 1), jax.random.key(0))
+  iterates = lmt.init_iterates(apply_fn, variables, (8, 8, 1), key=jax.random.key(0))
 
   @jax.jit
   def losses_and_grads(params, c):
@@ -271,7 +271,7 @@ def test_lmt_term_step_lowers_the_certified_bound():
     return jax.tree.map(lambda p, g: p - 1e-2 * g, params, grad)
 
   params = variables['params']
-  new = step(params, lmt.init_iterates(apply_fn, variables, shape, jax.random.key(1)))
+  new = step(params, lmt.init_iterates(apply_fn, variables, shape, key=jax.random.key(1)))
   before = lmt.certificate(apply_fn, {'params': params}, shape).lipschitz
   after = lmt.certificate(apply_fn, {'params': new}, shape).lipschitz
   assert after < 0.99 * before, (before, after)

@@ -119,7 +119,7 @@ def test_mlp_certificate_is_the_product_of_exact_svds():
 
 @pytest.mark.parametrize('name', CONFIGS)
 def test_converged_below_certificate_per_segment(name):
-  rows = lmt.segment_report(_numbers(name)['cert'])
+  rows = lmt.segment_report(_numbers(name)['cert'], key=jax.random.key(0))
   assert rows and rows[-1]['where'] == 'logits'
   for row in rows:
     # Power iteration is a lower bound, a certificate an upper bound, for every segment.
@@ -151,7 +151,7 @@ def test_training_estimate_rises_to_the_converged_value():
   model, variables, shape = _setup('cnn')
   apply_fn = train_lib.apply_fn(model)
   step = jax.jit(lambda v, it: lmt.estimate(apply_fn, v, it, shape))
-  iterates = lmt.init_iterates(apply_fn, variables, shape, jax.random.key(0))
+  iterates = lmt.init_iterates(apply_fn, variables, shape, key=jax.random.key(0))
   cert = _numbers('cnn')['cert']
   assert len(iterates) == len(cert.segments) - 1  # every segment but the exact last one
   estimates = []

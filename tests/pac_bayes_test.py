@@ -173,14 +173,16 @@ def test_fit_posterior_lowers_the_objective_and_certify_is_a_valid_chain(key):
                                   jax.tree.map(jnp.zeros_like, prior), 0.5)  # fmt: skip
   ref = pac_bayes.gaussian_kl(prior, 0.3, jax.tree.map(jnp.zeros_like, prior), 0.5)
   assert float(kl) == pytest.approx(ref, rel=1e-5)
-  fit = jax.jit(lambda k: posterior.fit_posterior(apply, prior, 0.3, x, y, k, steps=300))
+  fit = jax.jit(lambda k: posterior.fit_posterior(apply, prior, 0.3, x, y, key=k, steps=300))
   mean, sigma, _ = fit(key)
 
   def objective(mean, sigma):
     # f_quad on all 300 examples, the risk averaged over 256 noise draws (fit_posterior's
     # returned value is one draw on one minibatch: too noisy to compare).
     def risk(k):
-      return posterior.bounded_cross_entropy(apply(posterior.sample_params(k, mean, sigma), x), y)
+      return posterior.bounded_cross_entropy(
+        apply(posterior.sample_params(mean, sigma, key=k), x), y
+      )
 
     r = jnp.mean(jax.vmap(risk)(jax.random.split(jax.random.fold_in(key, 9), 256)))
     kl = posterior._kl_to_isotropic(mean, sigma, prior, 0.3)
@@ -189,7 +191,7 @@ def test_fit_posterior_lowers_the_objective_and_certify_is_a_valid_chain(key):
   # The same noise draws at both points: the comparison is not at the mercy of Monte Carlo.
   start = objective(prior, jax.tree.map(lambda t: jnp.full_like(t, 0.3), prior))
   assert objective(mean, sigma) < 0.97 * start
-  cert = posterior.certify(apply, mean, sigma, prior, 0.3, x, y, key, num_samples=50,
+  cert = posterior.certify(apply, mean, sigma, prior, 0.3, x, y, key=key, num_samples=50,
                            delta=0.025, delta_mc=0.01)  # fmt: skip
   assert cert['emp_mean'] <= cert['emp_upper'] <= cert['bound'] <= 1
   assert cert['bound'] == pytest.approx(
@@ -197,10 +199,10 @@ def test_fit_posterior_lowers_the_objective_and_certify_is_a_valid_chain(key):
   )
   # A tiny posterior samples the mean network: its error, also with a padded last chunk.
   tiny = jax.tree.map(lambda t: jnp.full_like(t, 1e-9), mean)
-  errs = posterior.sampled_errors(apply, mean, tiny, x, y, key, 3, chunk=128)
+  errs = posterior.sampled_errors(apply, mean, tiny, x, y, key=key, num_samples=3, chunk=128)
   want = float(jnp.mean(jnp.argmax(apply(mean, x), -1) != y))
   np.testing.assert_allclose(errs, want, atol=1e-7)
   with pytest.raises(ValueError, match='prior_sigma'):
-    posterior.fit_posterior(apply, prior, 0.0, x, y, key)
+    posterior.fit_posterior(apply, prior, 0.0, x, y, key=key)
   with pytest.raises(ValueError, match='delta'):
-    posterior.fit_posterior(apply, prior, 0.1, x, y, key, delta=1.5)
+    posterior.fit_posterior(apply, prior, 0.1, x, y, key=key, delta=1.5)

@@ -298,14 +298,8 @@ def robust_accuracy_batched(
   batch_size: int = 256,
   **pgd_kwargs,
 ) -> jax.Array:
-  """`robust_accuracy` over a large set in chunks of `batch_size` (key folded with chunk index).
-
-  Arguments as in `robust_accuracy`, on N examples, `logits_fn` applied per chunk of
-  `batch_size` examples; chunk i uses `jax.random.fold_in(key, i)`.
-
-  Returns:
-    () float32 robust accuracy over all N examples.
-  """
+  """() float32 `robust_accuracy` over N examples (arguments as there), in chunks of
+  `batch_size` examples: chunk i uses `jax.random.fold_in(key, i)`; progress on long runs."""
   x = jnp.asarray(x)
   eps = _per_example(eps, x)
   n = x.shape[0]
@@ -323,7 +317,7 @@ def robust_accuracy_batched(
   return correct / n
 
 
-def random_perturbations(key: jax.Array, shape, eps: float, count: int, norm: str = 'l2'):
+def random_perturbations(shape, eps: float, count: int, *, key: jax.Array, norm: str = 'l2'):
   """`count` random perturbations of shape (H, W, C): uniform on the L2 sphere of radius eps,
   or, with norm='linf', random signs times eps (a corner of the Linf ball)."""
   if eps < 0:

@@ -105,17 +105,17 @@ def _certify(config, apply_fn, prior_mean, s, k, delta, delta_mc, bound_data, te
   # Data as jit arguments: closed-over arrays would be constant-folded (minutes on MNIST).
   fit = jax.jit(
     lambda p, k, x, y: posterior.fit_posterior(
-      apply_fn, p, s, x, y, k, delta=delta, steps=config.posterior_steps,
+      apply_fn, p, s, x, y, key=k, delta=delta, steps=config.posterior_steps,
       learning_rate=config.posterior_lr,
     )
   )  # fmt: skip
   mean, sigma, objective = fit(prior_mean, k, xb, yb)
   cert = posterior.certify(
-    apply_fn, mean, sigma, prior_mean, s, xb, yb, jax.random.fold_in(k, 1),
+    apply_fn, mean, sigma, prior_mean, s, xb, yb, key=jax.random.fold_in(k, 1),
     num_samples=config.mc_samples, delta=delta, delta_mc=delta_mc,
   )  # fmt: skip
   test_errors = posterior.sampled_errors(
-    apply_fn, mean, sigma, xt, yt, jax.random.fold_in(k, 2), 100
+    apply_fn, mean, sigma, xt, yt, key=jax.random.fold_in(k, 2), num_samples=100
   )
   row = {**cert, 'objective': float(objective)}
   row['stochastic_test_error'] = float(jnp.mean(test_errors))

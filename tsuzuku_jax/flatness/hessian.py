@@ -51,7 +51,7 @@ def _check_probes(num_probes: int, chunk: int) -> None:
     raise ValueError(f'chunk must be >= 1, got {chunk}')
 
 
-def per_leaf_random(draw, key: jax.Array, like: PyTree, lead: tuple[int, ...] = ()) -> PyTree:
+def per_leaf_random(draw, like: PyTree, lead: tuple[int, ...] = (), *, key: jax.Array) -> PyTree:
   """`draw(k, shape, dtype)` for every leaf of `like` (shape `(*lead, *leaf.shape)`), leaf i
   with key `split(key, n)[i]`.
 
@@ -69,9 +69,9 @@ def per_leaf_random(draw, key: jax.Array, like: PyTree, lead: tuple[int, ...] = 
   return jax.tree.unflatten(treedef, out)
 
 
-def rademacher_probes(key: jax.Array, like: PyTree, num: int) -> PyTree:
+def rademacher_probes(like: PyTree, num: int, *, key: jax.Array) -> PyTree:
   """`num` Rademacher (+-1) probes shaped like `like`, stacked on a leading axis."""
-  return per_leaf_random(jax.random.rademacher, key, like, (num,))
+  return per_leaf_random(jax.random.rademacher, like, (num,), key=key)
 
 
 def _vdot(a: PyTree, b: PyTree) -> jax.Array:
@@ -83,7 +83,7 @@ def _probe_map(fn, key, like, num_probes, chunk):
   chunk = min(chunk, num_probes)
   n_chunks = -(-num_probes // chunk)
   keys = jax.random.split(key, n_chunks)
-  out = jax.lax.map(lambda k: jax.vmap(fn)(rademacher_probes(k, like, chunk)), keys)
+  out = jax.lax.map(lambda k: jax.vmap(fn)(rademacher_probes(like, chunk, key=k)), keys)
   return jax.tree.map(lambda a: a.reshape(n_chunks * chunk, *a.shape[2:])[:num_probes], out)
 
 
@@ -94,7 +94,7 @@ class Estimate(NamedTuple):
 
 
 def hutchinson_trace(
-  op: Operator, like: PyTree, key: jax.Array, num_probes: int = 100, chunk: int = 16
+  op: Operator, like: PyTree, *, key: jax.Array, num_probes: int = 100, chunk: int = 16
 ) -> Estimate:
   """tr(op) ~ mean of v^T op(v) over Rademacher probes v (unbiased; for a symmetric A the
   variance of one sample is 2 (||A||_F^2 - sum_i A_ii^2))."""
@@ -105,7 +105,7 @@ def hutchinson_trace(
 
 
 def hutchinson_diagonal(
-  op: Operator, like: PyTree, key: jax.Array, num_probes: int = 100, chunk: int = 16
+  op: Operator, like: PyTree, *, key: jax.Array, num_probes: int = 100, chunk: int = 16
 ) -> Estimate:
   """diag(op) ~ mean of v * op(v) over Rademacher probes (unbiased; the variance of entry i
   of one sample is sum_{j != i} A_ij^2), as pytrees shaped like `like`."""
@@ -192,7 +192,7 @@ class Lanczos(NamedTuple):
   basis: jax.Array  # (m, n) orthonormal Lanczos vectors (raveled)
 
 
-def lanczos(op: Operator, like: PyTree, key: jax.Array, num_iters: int) -> Lanczos:
+def lanczos(op: Operator, like: PyTree, *, key: jax.Array, num_iters: int) -> Lanczos:
   """`num_iters` Lanczos steps from a random unit start, with full re-orthogonalisation
   (every new vector is orthogonalised against all previous ones, twice), so the Ritz values
   stay accurate without ghost copies. Stops early (zero-padding) on an invariant subspace."""
@@ -229,7 +229,7 @@ def lanczos(op: Operator, like: PyTree, key: jax.Array, num_iters: int) -> Lancz
 
 
 def top_eigenvalues(
-  op: Operator, like: PyTree, key: jax.Array, k: int = 1, num_iters: int = 30
+  op: Operator, like: PyTree, *, key: jax.Array, k: int = 1, num_iters: int = 30
 ) -> jax.Array:
   """The k largest eigenvalues of a symmetric `op` (descending), from the Ritz values of
   `num_iters` Lanczos steps (exact once num_iters reaches the number of parameters; if
@@ -238,7 +238,7 @@ def top_eigenvalues(
   num_iters = min(num_iters, n)
   if not 1 <= k <= num_iters:
     raise ValueError(f'need 1 <= k <= num_iters = {num_iters}, got k={k}')
-  res = lanczos(op, like, key, num_iters)
+  res = lanczos(op, like, key=key, num_iters=num_iters)
   t = jnp.diag(res.alpha) + jnp.diag(res.beta, 1) + jnp.diag(res.beta, -1)
   return jnp.sort(jnp.linalg.eigvalsh(t))[::-1][:k]
 

@@ -70,7 +70,7 @@ def normalized_diagonal(
     if key is None:
       raise ValueError("method='hutchinson' needs a PRNG key")
     op = normalized_op(loss_fn, params)
-    return hutchinson_diagonal(op, params, key, num_probes, chunk).value
+    return hutchinson_diagonal(op, params, key=key, num_probes=num_probes, chunk=chunk).value
   if method == 'exact':
     return exact_diagonal(normalized_op(loss_fn, params), params)
   if method == 'gauss_newton':
@@ -141,8 +141,8 @@ def path_norm(apply_fn: Callable[[PyTree, jax.Array], jax.Array], params: PyTree
 def sharpness_sigma(
   error_fn: Callable[[PyTree], jax.Array],
   params: PyTree,
-  key: jax.Array,
   *,
+  key: jax.Array,
   target: float = 0.1,
   magnitude: bool = True,
   num_samples: int = 16,
@@ -164,7 +164,7 @@ def sharpness_sigma(
   if not 0 < lo < hi:
     raise ValueError(f'need 0 < lo < hi, got lo={lo}, hi={hi}')
   base = error_fn(params)
-  z = per_leaf_random(jax.random.normal, key, params, (num_samples,))
+  z = per_leaf_random(jax.random.normal, params, (num_samples,), key=key)
   scale = jax.tree.map(jnp.abs, params) if magnitude else jax.tree.map(jnp.ones_like, params)
 
   def excess(log_s):
@@ -208,9 +208,13 @@ def _measures(
   error_fn = lambda p: jnp.mean(jnp.argmax(apply_fn(p, images), -1) != labels)  # noqa: E731
   keys = jax.random.split(key, 6)
   h = hessian_op(loss_fn, params)
-  tr = hutchinson_trace(h, params, keys[0], num_probes, chunk)
-  ntr = hutchinson_trace(normalized_op(loss_fn, params), params, keys[1], num_probes, chunk)
-  ftr = hutchinson_trace(filter_normalized_op(loss_fn, params), params, keys[2], num_probes, chunk)
+  tr = hutchinson_trace(h, params, key=keys[0], num_probes=num_probes, chunk=chunk)
+  ntr = hutchinson_trace(
+    normalized_op(loss_fn, params), params, key=keys[1], num_probes=num_probes, chunk=chunk
+  )
+  ftr = hutchinson_trace(
+    filter_normalized_op(loss_fn, params), params, key=keys[2], num_probes=num_probes, chunk=chunk
+  )
   gn = jnp.concatenate(
     [
       jnp.ravel(x)
@@ -220,14 +224,14 @@ def _measures(
   theta = jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(params)])
   kappa = jnp.square(theta) * gn
   sharp = dict(target=sharpness_target, num_samples=sharpness_samples, iters=sharpness_iters)
-  sigma_raw = sharpness_sigma(error_fn, params, keys[4], magnitude=False, **sharp)
-  sigma_mag = sharpness_sigma(error_fn, params, keys[5], magnitude=True, **sharp)
+  sigma_raw = sharpness_sigma(error_fn, params, key=keys[4], magnitude=False, **sharp)
+  sigma_mag = sharpness_sigma(error_fn, params, key=keys[5], magnitude=True, **sharp)
   weights = [w.reshape(-1, w.shape[-1]) for w in jax.tree.leaves(params) if w.ndim >= 2]
   squared = jax.tree.map(jnp.square, params)
   return {
     'hessian_trace': tr.value,
     'hessian_trace_stderr': tr.stderr,
-    'top_eigenvalue': top_eigenvalues(h, params, keys[3], 1, lanczos_iters)[0],
+    'top_eigenvalue': top_eigenvalues(h, params, key=keys[3], k=1, num_iters=lanczos_iters)[0],
     'gauss_newton_trace': jnp.sum(gn),
     'pac_bayes_sharpness': 1.0 / jnp.square(sigma_raw),
     'param_norm': jnp.sum(jnp.square(theta)),
@@ -256,8 +260,8 @@ def measure_fn(
   sharpness_samples: int = 16,
   sharpness_iters: int = 20,
   gn_chunk: int = 64,
-) -> Callable[[PyTree, jax.Array, jax.Array, jax.Array], dict]:
-  """`fn(params, images, labels, key) -> {name: scalar}`: every measure of a ReLU classifier
+) -> Callable[..., dict]:
+  """`fn(params, images, labels, *, key) -> {name: scalar}`: every measure of a ReLU classifier
   at `params` on (images, labels) with the mean cross-entropy loss, in one jit (non-finite
   parameters, images and out-of-range labels are refused by name first).
 
@@ -287,7 +291,7 @@ def measure_fn(
   jitted = jax.jit(functools.partial(_measures, apply_fn, **settings))
   caveats: list[dict] = []  # inapplicable_measures, found at the first call
 
-  def checked(params, images, labels, key):
+  def checked(params, images, labels, *, key):
     # On the host, before the jit: a nan would only give nan measures.
     check_params(params)
     check_images(images, pixel_range=None, ndim=None)

@@ -16,7 +16,7 @@ from tsuzuku_jax import checks
 from tsuzuku_jax.flatness.pac_bayes import _check_delta, _check_m, gaussian_kl, mc_certificate
 
 
-def sample_params(key: jax.Array, mean, sigma):
+def sample_params(mean, sigma, *, key: jax.Array):
   """theta ~ N(mean, diag sigma^2) over pytrees."""
   leaves, treedef = jax.tree.flatten(mean)
   keys = jax.tree.unflatten(treedef, list(jax.random.split(key, len(leaves))))
@@ -61,8 +61,8 @@ def fit_posterior(
   prior_sigma: float,
   images: jax.Array,
   labels: jax.Array,
-  key: jax.Array,
   *,
+  key: jax.Array,
   m: int | None = None,
   delta: float = 0.025,
   steps: int = 2000,
@@ -97,7 +97,7 @@ def fit_posterior(
     kb, kn = jax.random.split(k)
     idx = jax.random.randint(kb, (min(batch_size, n),), 0, n)
     sigma = jax.tree.map(jnp.exp, p['log_sigma'])
-    logits = apply_fn(sample_params(kn, p['mean'], sigma), images[idx])
+    logits = apply_fn(sample_params(p['mean'], sigma, key=kn), images[idx])
     risk = bounded_cross_entropy(logits, labels[idx], p_min)
     kl = _kl_to_isotropic(p['mean'], sigma, prior_mean, prior_sigma)
     return quad_objective(risk, kl, m, delta)
@@ -112,7 +112,9 @@ def fit_posterior(
   return params['mean'], jax.tree.map(jnp.exp, params['log_sigma']), vals[-1]
 
 
-def sampled_errors(apply_fn, mean, sigma, images, labels, key, num_samples: int, chunk: int = 1024):
+def sampled_errors(
+  apply_fn, mean, sigma, images, labels, *, key, num_samples: int, chunk: int = 1024
+):
   """(num_samples,) 0-1 errors of networks theta ~ N(mean, diag sigma^2) on (images, labels).
 
   Raises:
@@ -133,7 +135,7 @@ def sampled_errors(apply_fn, mean, sigma, images, labels, key, num_samples: int,
   @jax.jit  # everything as arguments: closed-over data would be constant-folded by XLA
   def run(mean, sigma, xs, ys, keys):
     def one(k):
-      p = sample_params(k, mean, sigma)
+      p = sample_params(mean, sigma, key=k)
       wrong = jax.lax.map(
         lambda b: jnp.sum((jnp.argmax(apply_fn(p, b[0]), -1) != b[1]) & (b[1] >= 0)), (xs, ys)
       )
@@ -152,8 +154,8 @@ def certify(
   prior_sigma,
   images,
   labels,
-  key,
   *,
+  key,
   num_samples: int,
   delta: float,
   delta_mc: float,
@@ -161,7 +163,9 @@ def certify(
   """`mc_certificate` of N(mean, diag sigma^2) against the prior N(prior_mean, prior_sigma^2 I)
   on (images, labels), which the prior must not have seen: with probability >= 1 - delta -
   delta_mc, 'bound' upper-bounds the stochastic classifier's expected test error."""
-  errs = jax.device_get(sampled_errors(apply_fn, mean, sigma, images, labels, key, num_samples))
+  errs = jax.device_get(
+    sampled_errors(apply_fn, mean, sigma, images, labels, key=key, num_samples=num_samples)
+  )
   kl = gaussian_kl(mean, sigma, prior_mean, prior_sigma)
   out = mc_certificate(errs, kl, int(images.shape[0]), delta, delta_mc)
   out['kl'] = kl

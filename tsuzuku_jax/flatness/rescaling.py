@@ -12,6 +12,7 @@ from tsuzuku_jax.flatness.hessian import PyTree
 def rescale_neurons(
   params: PyTree,
   layers: list[str],
+  *,
   key: jax.Array,
   low: float = 0.1,
   high: float = 10.0,

@@ -80,11 +80,11 @@ def train_model(config, hp, seed, train, test, measure_fns, path) -> dict:
   key = jax.random.key(1000 + seed)  # the same probes before and after the rescaling
   layers = [f'dense{i}' for i in range(hp['depth'])] + ['head']
   scaled = rescale_neurons(
-    params, layers, jax.random.fold_in(key, 1), 1 / config.rescale, config.rescale
+    params, layers, key=jax.random.fold_in(key, 1), low=1 / config.rescale, high=config.rescale
   )
   t0 = time.time()
-  rec['measures'] = {k: float(v) for k, v in jax.device_get(fn(params, xj, yj, key)).items()}
-  rec['rescaled'] = {k: float(v) for k, v in jax.device_get(fn(scaled, xj, yj, key)).items()}
+  rec['measures'] = {k: float(v) for k, v in jax.device_get(fn(params, xj, yj, key=key)).items()}
+  rec['rescaled'] = {k: float(v) for k, v in jax.device_get(fn(scaled, xj, yj, key=key)).items()}
   rec['measure_seconds'] = time.time() - t0
   rec['rescaled_output_change'] = float(
     jnp.max(jnp.abs(apply_fn(scaled, xj) - apply_fn(params, xj)))

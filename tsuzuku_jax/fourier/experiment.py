@@ -116,7 +116,7 @@ class Config:
 
 
 def budgets(
-  config: Config, query, held, held_ref, key, shape, log=workdir.print_flushed
+  config: Config, query, held, held_ref, shape, *, key, log=workdir.print_flushed
 ) -> list[tuple]:
   """[(name, L2 norm, how it was chosen)] for `config.eps` then `config.linf_equivalent`."""
   out = []
@@ -139,7 +139,7 @@ def budgets(
   return out
 
 
-def attack_at(config: Config, query, logits_fn, search, search_ref, held, held_ref, eps, key):
+def attack_at(config: Config, query, logits_fn, search, search_ref, held, held_ref, eps, *, key):
   """The Fourier search at L2 norm `eps` on `search`, and its baselines, on `held`: the
   results row (without 'eps_choice'), the Fourier and the white-box perturbations."""
   t0 = time.time()
@@ -149,7 +149,7 @@ def attack_at(config: Config, query, logits_fn, search, search_ref, held, held_r
   attack_s = time.time() - t0
   shape = search.shape[1:]
   randoms = attacks.random_perturbations(
-    jax.random.fold_in(key, 1), shape, eps, config.random_trials
+    shape, eps, config.random_trials, key=jax.random.fold_in(key, 1)
   )
   rand = [fourier.fooling_rate(query, held, r, held_ref) for r in randoms]
   uap = attacks.whitebox_universal(
@@ -233,7 +233,7 @@ def run(
   if config.heldout_images:
     held, held_ref = held[: config.heldout_images], held_ref[: config.heldout_images]
   key = jax.random.key(config.seed)
-  norms = budgets(config, query, held, held_ref, key, xte.shape[1:], log)
+  norms = budgets(config, query, held, held_ref, xte.shape[1:], key=key, log=log)
   k = config.heat_map_images or len(xte)
   heat_x, heat_y = xte[:k], yte[:k]
   t0 = time.time()
@@ -254,7 +254,9 @@ def run(
   }
   maps = {f'heat map, error at L2 {norms[0][1]:.3g}': heat_err}
   for name, eps, how in norms:
-    row, four, uap = attack_at(config, query, logits_fn, search, pred[:n], held, held_ref, eps, key)
+    row, four, uap = attack_at(
+      config, query, logits_fn, search, pred[:n], held, held_ref, eps, key=key
+    )
     results['per_eps'][name] = row = {'eps': eps, 'eps_choice': how, **row}
     log(_summary(name, row))
     maps[f'Fourier, L2 {eps:.3g}'] = four

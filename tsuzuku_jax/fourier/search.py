@@ -256,7 +256,7 @@ def calibrate_eps(
       f'need 0 <= target < 1, trials >= 1, iters >= 1; got {target}, {trials}, {iters}'
     )
   images = jnp.asarray(images, jnp.float32)
-  units = attacks.random_perturbations(key, images.shape[1:], 1.0, trials, norm)
+  units = attacks.random_perturbations(images.shape[1:], 1.0, trials, key=key, norm=norm)
 
   def rate(eps):
     return float(

@@ -26,7 +26,7 @@ def _errors_and_loss(logits_fn, images, labels, deltas, clip, valid):
   return jnp.sum(wrong, 1), jnp.sum(jnp.where(valid, loss, 0.0), 1)
 
 
-def image_signs(key: jax.Array, direction_index, n: int) -> jax.Array:
+def image_signs(direction_index, n: int, *, key: jax.Array) -> jax.Array:
   """The random-sign heat map's +-1 signs for direction `direction_index` over n images.
 
   Random flips as in Yin et al.'s heat maps (their code flips per image and channel; here one
@@ -47,7 +47,7 @@ def _heat_chunk(logits_fn, imgs, labs, valid, freqs, eps, key, ci, *, chunk, bat
   dirs = basis((h, w), jax.lax.dynamic_slice_in_dim(freqs, ci * chunk, chunk))
   if mode == 'random_sign':
     ks = ci * chunk + jnp.arange(chunk)
-    signs = jax.vmap(lambda k: image_signs(key, k, n))(ks)
+    signs = jax.vmap(lambda k: image_signs(k, n, key=key))(ks)
     signs = jnp.concatenate([signs, jnp.ones((chunk, pad), signs.dtype)], 1)
 
   def one_batch(carry, bi):

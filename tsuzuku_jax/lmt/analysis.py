@@ -183,7 +183,7 @@ def _estimate(apply_fn, variables, input_shape, iterates) -> tuple[Estimate, dic
 
 
 def init_iterates(
-  apply_fn: Callable, variables: Any, input_shape: Sequence[int], key: jax.Array
+  apply_fn: Callable, variables: Any, input_shape: Sequence[int], *, key: jax.Array
 ) -> dict[str, jax.Array]:
   """The persistent power-iteration vectors of `estimate`, one per linear segment (keyed
   'segment000', ...; each shaped like the segment's input), drawn from `key`.
@@ -211,7 +211,7 @@ def estimate(
   return _estimate(apply_fn, variables, tuple(input_shape), iterates)
 
 
-def converged(segment: Segment, key: jax.Array, steps: int = 500) -> float:
+def converged(segment: Segment, *, key: jax.Array, steps: int = 500) -> float:
   """A converged power-iteration estimate of a segment's norm (a lower bound on it)."""
   u = jax.random.normal(key, segment.in_shape, jnp.float32)
   sigma, _ = jax.jit(bounds.power_iteration, static_argnums=(0, 2))(segment.linear.apply, u, steps)

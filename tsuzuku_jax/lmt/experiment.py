@@ -131,7 +131,7 @@ def _train_and_report(config, name, loss, model, splits, path, mesh, log):
     )  # fmt: skip
   report = full.to_json()
   report['lipschitz'] = cert.lipschitz
-  report['segments'] = segment_report(cert)
+  report['segments'] = segment_report(cert, key=jax.random.key(config.seed))
   report['train_seconds'] = train_lib.logged_seconds(path)  # over all invocations
   report['params_fingerprint'] = train_lib.params_fingerprint(state)
   return report, full.radii

@@ -168,7 +168,7 @@ def training_loss(
     return value, (iterates, {'c': c_now, 'lipschitz_estimate': lip})
 
   config = dict(c=c, c_warmup_steps=c_warmup_steps, form=form, variant=variant, clip=clip)
-  init = lambda variables, key: init_iterates(apply_fn, variables, shape, key)  # noqa: E731
+  init = lambda variables, key: init_iterates(apply_fn, variables, shape, key=key)  # noqa: E731
   return train_lib.Loss(fn, init, config, shown=('c',))
 
 

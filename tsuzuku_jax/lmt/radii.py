@@ -149,16 +149,15 @@ def certify_dataset(
   return Radii(pred, correct, np.asarray(eps, np.float32), forms)
 
 
-def segment_report(cert: Certificate, *, key: jax.Array | None = None) -> list[dict]:
+def segment_report(cert: Certificate, *, key: jax.Array) -> list[dict]:
   """Per linear segment of a `Certificate`: where it ends (the source line of the
   nonlinearity that closes it), its shapes, the certificate, a converged power-iteration
   estimate (CONVERGED_ITERS steps: a lower bound on the segment's norm) and their ratio (the
   certificate's slack; 1 + 1e-6 for exactly bounded segments)."""
   _require_certificate(cert)
-  key = jax.random.key(0) if key is None else key
   rows = []
   for i, seg in enumerate(cert.segments):
-    conv = analysis.converged(seg, jax.random.fold_in(key, i), CONVERGED_ITERS)
+    conv = analysis.converged(seg, key=jax.random.fold_in(key, i), steps=CONVERGED_ITERS)
     rows.append({
       'where': seg.where,
       'in_shape': list(seg.in_shape),
