@@ -1,4 +1,4 @@
-"""Executes every notebook in colabs/ at smoke settings and checks that it is stored clean.
+"""Checks that every notebook in colabs/ is stored executed and executes it at smoke settings.
 
 The kernel is started with TSUZUKU_NOTEBOOK_SMOKE=1 in its environment, which each notebook's
 settings cell reads to switch to tiny step counts; it also inherits conftest.py's XLA_FLAGS and
@@ -7,6 +7,7 @@ JAX_PLATFORMS. Needs the `python3` Jupyter kernel of the venv (`make install` re
 
 import ast
 import glob
+import json
 import os
 import time
 
@@ -41,12 +42,24 @@ def test_colabs_exist():
 
 
 @pytest.mark.parametrize('path', NOTEBOOKS, ids=_ids(NOTEBOOKS))
-def test_notebook_is_stored_without_outputs(path):
+def test_notebook_is_stored_executed_once_top_to_bottom(path):
+  """The stored outputs come from one clean run: counts 1..n in cell order, no errors, plots."""
   nb = nbformat.read(path, as_version=4)
   nbformat.validate(nb)
-  for i, cell in enumerate(_code_cells(nb)):
-    assert cell.outputs == [], f'code cell {i} of {path} has stored outputs: clear them'
-    assert cell.execution_count is None, f'code cell {i} of {path} has an execution count'
+  cells = _code_cells(nb)
+  counts = [c.execution_count for c in cells]
+  assert counts == list(range(1, len(cells) + 1)), (
+    f'{path}: execution counts {counts}; store the outputs of one run from the top '
+    '(nbclient, or Restart & Run all)'
+  )
+  outputs = [o for c in cells for o in c.outputs]
+  errors = [o for o in outputs if o.get('output_type') == 'error']
+  assert not errors, f'{path} stores error outputs: {[e.get("ename") for e in errors]}'
+  assert any('image/png' in o.get('data', {}) for o in outputs), f'{path} stores no figure'
+  text = json.dumps([o for o in outputs if o.get('output_type') == 'stream'])
+  text += json.dumps([o.get('data', {}).get('text/plain', '') for o in outputs])
+  for temp in ('/tmp/', '/var/folders/', 'tsuzuku_lmt_', 'tsuzuku_fourier_', 'tsuzuku_flatness_'):
+    assert temp not in text, f'{path} stores a temporary path ({temp!r}) in its outputs'
 
 
 @pytest.mark.parametrize('path', NOTEBOOKS, ids=_ids(NOTEBOOKS))
@@ -79,7 +92,7 @@ def test_notebook_executes(path, monkeypatch):
   from nbclient import NotebookClient
 
   monkeypatch.setenv('TSUZUKU_NOTEBOOK_SMOKE', '1')  # the kernel inherits os.environ
-  nb = nbformat.read(path, as_version=4)
+  nb = nbformat.read(path, as_version=4)  # an in-memory copy: the stored file is never written
   client = NotebookClient(
     nb, timeout=600, kernel_name='python3', resources={'metadata': {'path': ROOT}}
   )

@@ -87,29 +87,89 @@ def plot_accuracy_vs_compression(
   return _finish(fig, path, title, ax.set_title)
 
 
-def plot_fourier_maps(maps: Mapping[str, np.ndarray], path: str | None = None, *, title: str = ''):
-  """Images side by side: heat maps (H, W) shown with the zero frequency centred
-  (`np.fft.fftshift`) and perturbations (H, W, C), one panel per entry.
+def frequency_ticks(n: int) -> np.ndarray:
+  """Tick positions (cycles per image) for an axis of `n` frequencies shown fftshift-ed, which
+  runs from -(n // 2) to (n - 1) // 2 (-n/2 to n/2 - 1 for even n): every frequency up to 9,
+  else both ends, 0 and the quarter points."""
+  lo, hi = -(n // 2), (n - 1) // 2
+  if n <= 9:
+    return np.arange(lo, hi + 1)
+  return np.array(sorted({lo, lo // 2, 0, hi // 2 + (hi % 2), hi}))
+
+
+def _frequency_panel(fig, ax, a, cbar_label):
+  """A 2-D map indexed [u, v] on the unshifted grid, shown with the zero frequency centred."""
+  h, w = a.shape
+  fu = np.fft.fftshift(np.fft.fftfreq(h, 1.0 / h))  # row u after fftshift: -(h // 2) ...
+  fv = np.fft.fftshift(np.fft.fftfreq(w, 1.0 / w))
+  extent = (fv[0] - 0.5, fv[-1] + 0.5, fu[-1] + 0.5, fu[0] - 0.5)
+  im = ax.imshow(np.fft.fftshift(a), cmap='viridis', extent=extent)
+  bar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+  bar.set_label(cbar_label, fontsize=7)
+  bar.ax.tick_params(labelsize=7)
+  ax.set_xticks(frequency_ticks(w))
+  ax.set_yticks(frequency_ticks(h))
+  ax.tick_params(labelsize=7)
+  ax.set_xlabel('horizontal frequency v (cycles / image)', fontsize=7)
+  ax.set_ylabel('vertical frequency u (cycles / image)', fontsize=7)
+
+
+def _pixel_panel(fig, ax, a):
+  """A perturbation (H, W, C) in pixel space: one channel in grey with a colour bar of the pixel
+  change; RGB shown as 0.5 + delta / (2 max |delta|)."""
+  span = float(np.max(np.abs(a))) or 1.0
+  if a.shape[-1] == 3:
+    ax.imshow(0.5 + a / (2 * span))
+    ax.set_xlabel('column (pixels); RGB: 0.5 + delta / (2 max |delta|)', fontsize=7)
+  else:
+    im = ax.imshow(a[..., 0], cmap='gray', vmin=-span, vmax=span)
+    bar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    bar.set_label('pixel change (image in [0, 1])', fontsize=7)
+    bar.ax.tick_params(labelsize=7)
+    ax.set_xlabel('column (pixels)', fontsize=7)
+  ax.set_ylabel('row (pixels)', fontsize=7)
+  ax.tick_params(labelsize=7)
+
+
+def plot_fourier_maps(
+  maps: Mapping[str, np.ndarray],
+  path: str | None = None,
+  *,
+  title: str = '',
+  colorbar_label: str | Mapping[str, str] = 'error rate (fraction of images misclassified)',
+):
+  """Images side by side: frequency maps (H, W) shown with the zero frequency centred
+  (`np.fft.fftshift`; axes in cycles per image, -N/2 .. N/2 - 1) and perturbations (H, W, C) in
+  pixel space, one panel per entry.
 
   Args:
-    maps: label -> array; 2-D arrays are frequency maps, 3-D ones are perturbations.
+    maps: label -> array; 2-D arrays are frequency maps indexed [u, v] on the unshifted grid
+      (as `fourier.heat_map` returns them), 3-D ones are perturbations.
     path: PNG path to write (None: only return the figure).
     title: figure title.
+    colorbar_label: what the colour of the frequency maps is: one label for all, or
+      map label -> colour-bar label.
+
+  Returns:
+    The matplotlib Figure.
   """
-  fig, axes = plt.subplots(1, len(maps), figsize=(3.2 * len(maps), 3.2), squeeze=False)
+  fig, axes = plt.subplots(
+    1, len(maps), figsize=(3.6 * len(maps), 3.5), squeeze=False, layout='constrained'
+  )
   for ax, (label, a) in zip(axes[0], maps.items(), strict=True):
     a = np.asarray(a)
     if a.ndim == 2:
-      im = ax.imshow(np.fft.fftshift(a), cmap='viridis')
-      fig.colorbar(im, ax=ax, fraction=0.046)
+      cbar = colorbar_label if isinstance(colorbar_label, str) else colorbar_label.get(label, '')
+      _frequency_panel(fig, ax, a, cbar)
     else:
-      span = np.max(np.abs(a)) or 1.0
-      shown = a[..., 0] if a.shape[-1] != 3 else 0.5 + a / (2 * span)
-      ax.imshow(shown, cmap='gray' if a.shape[-1] != 3 else None)
+      _pixel_panel(fig, ax, a)
     ax.set_title(label, fontsize=8)
-    ax.set_xticks([])
-    ax.set_yticks([])
-  return _finish(fig, path, title, lambda t: fig.suptitle(t, fontsize=9))
+  if title:
+    fig.suptitle(title, fontsize=9)
+  if path:
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+  return fig
 
 
 def plot_measure_scatter(
@@ -141,7 +201,7 @@ def plot_measure_scatter(
       ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels collide on narrow panels
     ax.set_title(f'{name}\ntau = {tau:.2f}', fontsize=9)
     ax.set_xlabel(name, fontsize=8)
-    ax.set_ylabel('generalization gap', fontsize=8)
+    ax.set_ylabel('generalization gap (train - test acc.)', fontsize=8)
     ax.tick_params(labelsize=7)
   for ax in list(axes.flat)[n:]:
     ax.axis('off')

@@ -261,7 +261,10 @@ def run(
     log(_summary(name, row))
     maps[f'Fourier, L2 {eps:.3g}'] = four
     maps[f'white-box, L2 {eps:.3g}'] = uap
-  plotting.plot_fourier_maps(maps, os.path.join(path, 'fourier.png'), title=config.dataset)
+  plotting.plot_fourier_maps(
+    maps, os.path.join(path, 'fourier.png'), title=config.dataset,
+    colorbar_label='error rate (fraction of images misclassified)',
+  )  # fmt: skip
   results_path = os.path.join(path, 'results.json')
   workdir.write_json(results_path, {'experiment': 'fourier', **results})
   log(f'wrote {results_path}')

@@ -181,9 +181,9 @@ def run(
     )
     for form in FORMS:
       acc = plotting.certified_accuracy_curve(radii.forms[form].radius, radii.correct, grid)
-      curves[f'{name} ({form})'] = (grid, acc)
+      curves[f'{name} (certified, {form})'] = (grid, acc)
     pgd = report['pgd_robust_accuracy']
-    marks[f'{name} PGD'] = (list(config.eps), [pgd[f'{e:g}'] for e in config.eps])
+    marks[f'{name} (PGD robust)'] = (list(config.eps), [pgd[f'{e:g}'] for e in config.eps])
     results[name] = report
     cert = report['certified_accuracy']['pairwise']
     log(
