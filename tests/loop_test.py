@@ -72,6 +72,8 @@ def test_without_a_workdir_nothing_is_written_and_divergence_stops(tmp_path, mon
 
   with pytest.raises(loop.TrainingDiverged, match='at step 6.*last good checkpoint .step 4'):
     loop.run(_start(), bad, _batches, SCHEDULE, str(tmp_path / 'w'), log=lambda s: None)
+  with pytest.raises(loop.TrainingDiverged, match='at step 6.*nothing was saved .no workdir'):
+    loop.run(_start(), bad, _batches, SCHEDULE, None, log=lambda s: None)
 
 
 def test_on_log_fields_and_until(tmp_path):

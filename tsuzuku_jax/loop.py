@@ -102,16 +102,18 @@ def read_records(workdir: str | None) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
-def _window_mean(window: list[dict], step: int, workdir: str | None, mngr) -> dict:
-  """The host mean of each scalar metric over the window; raises on a NaN/Inf metric."""
+def _window_mean(window: list[dict], step: int, workdir: str | None, mngr) -> tuple[dict, list]:
+  """(host mean of each scalar metric over the window, the window on the host); raises on a
+  NaN/Inf metric."""
   host = jax.device_get(window)
   mean = {k: float(np.mean([m[k] for m in host])) for k in host[0] if np.ndim(host[0][k]) == 0}
   if not all(np.isfinite(np.asarray(v)).all() for m in host for v in m.values()):
-    kept = f'the last good checkpoint (step {mngr.latest_step()}) is kept in {workdir}/checkpoints'
-    raise TrainingDiverged(
-      f'loss is {mean.get("loss")} at step {step}: stopping; '
-      + (kept if mngr is not None else 'nothing was saved (no workdir)')
-    )
+    kept = 'nothing was saved (no workdir)'
+    if mngr is not None:
+      kept = (
+        f'the last good checkpoint (step {mngr.latest_step()}) is kept in {workdir}/checkpoints'
+      )
+    raise TrainingDiverged(f'loss is {mean.get("loss")} at step {step}: stopping; {kept}')
   return mean, host
 
 

@@ -85,15 +85,6 @@ def _duration(seconds: float) -> str:
   return f'{s // 3600}h{s % 3600 // 60:02d}m'
 
 
-def track(items, label: str, *, unit: str = 'batches', every: float = 10.0, log=print_flushed):
-  """Yields from the sized iterable `items`, printing `Progress` after each one."""
-  items = list(items) if not hasattr(items, '__len__') else items
-  progress = Progress(label, len(items), unit=unit, every=every, log=log)
-  for i, item in enumerate(items):
-    yield item
-    progress.update(i + 1)
-
-
 class Scalars:
   """TensorBoard scalars under `logdir` (a no-op when `logdir` is None); use as a context."""
 
