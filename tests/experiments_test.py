@@ -1,5 +1,9 @@
 """The LMT launcher: flag validation before any work, a tiny end-to-end run, and the workdir as
-a record (refusing other runs with one line, nothing on disk touched; --overwrite; resume)."""
+a record (refusing other runs with one line, nothing on disk touched; --overwrite; resume).
+
+The end-to-end run, --helpshort and one bad flag run the launcher as a user would, in a
+subprocess; the other launches run it in this process (`launcher.launch`: the same parsing,
+checks and one-line errors, without seconds of imports each)."""
 
 import dataclasses
 import json
@@ -8,7 +12,7 @@ import re
 
 import numpy as np
 import pytest
-from launcher import assert_one_line_error, run_script, tree_hashes
+from launcher import assert_one_line_error, launch, run_script, tree_hashes
 
 from tsuzuku_jax.lmt import experiment
 
@@ -29,20 +33,26 @@ TINY = [
 
 
 def _run(*args, check=True):
-  return run_script(SCRIPT, f'--flagfile={FLAGFILE}', *args, check=check)
+  return launch(SCRIPT, f'--flagfile={FLAGFILE}', *args, check=check)
 
 
 @pytest.fixture(scope='module')
 def finished(tmp_path_factory):
-  """A finished tiny LMT run (both models) and its first invocation's stdout."""
+  """A finished tiny LMT run (both models), from a shell, and its stdout."""
   workdir = tmp_path_factory.mktemp('lmt') / 'run'
-  out = _run(f'--workdir={workdir}', *TINY).stdout
+  out = run_script(SCRIPT, f'--flagfile={FLAGFILE}', f'--workdir={workdir}', *TINY).stdout
   return workdir, out
+
+
+def test_a_bad_flag_from_a_shell_gives_one_line(tmp_path):
+  proc = run_script(SCRIPT, f'--flagfile={FLAGFILE}', f'--workdir={tmp_path}', '--c=0', check=False)
+  assert_one_line_error(proc, '--c must be positive')
+  assert os.listdir(tmp_path) == []
 
 
 # One launch per kind of failure (absl's parse errors, the launcher's list parsing, the Config's
 # own checks, the dataset): each must be one line before any work. The Config's other checks
-# are tested in-process below (a launch costs seconds of imports).
+# are tested on the Config below.
 @pytest.mark.parametrize(
   'flag, message',
   [
@@ -94,7 +104,7 @@ def test_config_from_notebook_runs_the_same_experiment(tmp_path):
 
 
 def test_help_still_prints_the_flags():
-  proc = run_script(SCRIPT, '--helpshort', check=False)
+  proc = launch(SCRIPT, '--helpshort', check=False)
   assert '--learning_rate' in proc.stdout + proc.stderr
 
 
@@ -194,7 +204,7 @@ def test_another_launcher_never_replaces_this_run(finished):
   # Observed: experiments/fourier.py on a finished LMT workdir replaced its results.json.
   workdir, _ = finished
   before = tree_hashes(workdir)
-  proc = run_script(FOURIER, f'--workdir={workdir}', '--steps=5', check=False)
+  proc = launch(FOURIER, f'--workdir={workdir}', '--steps=5', check=False)
   assert_one_line_error(proc, '--workdir', "holds a 'lmt' run, not 'fourier'")
   assert tree_hashes(workdir) == before
 

@@ -1,5 +1,8 @@
 """The flatness experiment: flag validation before any work (the launcher) and the Config's own
-checks, a tiny zoo end to end from flags, resume, and the same run from Python."""
+checks, a tiny zoo end to end from flags, resume, and the same run from Python.
+
+The tiny zoo's first run and one bad flag run the launcher in a subprocess, as a user would; the
+other launches run it in this process (`launcher.launch`)."""
 
 import dataclasses
 import json
@@ -7,7 +10,7 @@ import os
 import re
 
 import pytest
-from launcher import assert_one_line_error, run_script, tree_hashes
+from launcher import assert_one_line_error, launch, run_script, tree_hashes
 
 from tsuzuku_jax.flatness import experiment
 
@@ -23,12 +26,18 @@ TINY = [
 
 
 def _run(*args, check=True):
-  return run_script(SCRIPT, f'--flagfile={FLAGFILE}', *args, check=check)
+  return launch(SCRIPT, f'--flagfile={FLAGFILE}', *args, check=check)
+
+
+def test_a_bad_flag_from_a_shell_gives_one_line(tmp_path):
+  proc = run_script(SCRIPT, f'--workdir={tmp_path}', '--probes=0', check=False)
+  assert_one_line_error(proc, '--probes must be >= 1, got 0')
+  assert os.listdir(tmp_path) == []
 
 
 # One launch per kind of failure (absl's parse errors, the launcher's list parsing, the Config's
 # own checks, the dataset): each must be one line before any work. The Config's other checks
-# are tested in-process below (a launch costs seconds of imports).
+# are tested on the Config below.
 @pytest.mark.parametrize(
   'flag, message',
   [
@@ -97,7 +106,7 @@ def test_config_from_notebook_runs_the_same_experiment(tmp_path):
 
 
 def test_tiny_zoo_and_bound_then_resume(tmp_path):
-  out = _run(f'--workdir={tmp_path}', *TINY).stdout
+  out = run_script(SCRIPT, f'--flagfile={FLAGFILE}', f'--workdir={tmp_path}', *TINY).stdout
   assert out.count('/4 w16_d2') == 4  # one progress line per model
   results = json.loads((tmp_path / 'results.json').read_text())
   assert results['experiment'] == 'flatness'

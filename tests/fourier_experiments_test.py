@@ -1,5 +1,8 @@
 """The Fourier experiment: flag validation before any work (one launch per kind of failure), the
-Config's checks in-process, a tiny end-to-end launch, and the same run from Python."""
+Config's checks, a tiny end-to-end launch, and the same run from Python.
+
+The tiny run and one bad flag run the launcher in a subprocess, as a user would; the other
+launches run it in this process (`launcher.launch`)."""
 
 import dataclasses
 import json
@@ -7,7 +10,7 @@ import os
 import re
 
 import pytest
-from launcher import assert_one_line_error, run_script, tree_hashes
+from launcher import assert_one_line_error, launch, run_script, tree_hashes
 
 from tsuzuku_jax import checks
 from tsuzuku_jax.fourier import experiment
@@ -19,12 +22,18 @@ TINY = ['--steps=30', '--channels=4,8', '--dense=16', '--random_trials=2', '--ua
 
 
 def _run(*args, check=True):
-  return run_script(SCRIPT, *args, check=check)
+  return launch(SCRIPT, *args, check=check)
+
+
+def test_a_bad_flag_from_a_shell_gives_one_line(tmp_path):
+  proc = run_script(SCRIPT, f'--workdir={tmp_path}', '--random_target=1', check=False)
+  assert_one_line_error(proc, '--random_target must be in [0, 1)')
+  assert os.listdir(tmp_path) == []
 
 
 # One launch per kind of failure (absl's parse errors, the launcher's list parsing, the Config's
 # own checks, the dataset, the check against the loaded data): each must be one line before any
-# work. The Config's other checks are tested in-process below (a launch costs seconds).
+# work. The Config's other checks are tested on the Config below.
 @pytest.mark.parametrize(
   'flag, message',
   [
@@ -74,7 +83,8 @@ def test_config_accepts_linf_only_and_fractions():
 
 
 def test_tiny_run(tmp_path):
-  _run(
+  run_script(
+    SCRIPT,
     f'--flagfile={FLAGFILE}',
     f'--workdir={tmp_path}',
     *TINY,

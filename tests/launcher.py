@@ -1,8 +1,12 @@
-"""Runs an experiments/ launcher in a subprocess on the CPU, as a user would from a shell; checks
-that it failed with one clear line; hashes a folder (to show nothing changed); loads a
-benchmarks/ script as a module (its main(argv) is then called in-process)."""
+"""Runs an experiments/ launcher as a user would from a shell: in a subprocess (`run_script`, one
+end-to-end smoke run per launcher) or in this process (`launch`: the same flag parsing, checks
+and one-line errors without seconds of imports per call); checks that it failed with one clear
+line; hashes a folder (to show nothing changed); loads a benchmarks/ script as a module (its
+main(argv) is then called in-process)."""
 
+import contextlib
 import importlib.util
+import io
 import os
 import subprocess
 import sys
@@ -21,6 +25,55 @@ def run_script(script: str, *args: str, check: bool = True, devices: int = 1):
   proc = subprocess.run(
     [sys.executable, script, *args], capture_output=True, text=True, env=env, timeout=600
   )
+  if check and proc.returncode:
+    raise AssertionError(proc.stdout + proc.stderr)
+  return proc
+
+
+# Names of the flags the launcher last loaded by `launch` defined (absl's registry is global, and
+# the launchers define flags of the same names).
+_DEFINED: set[str] = set()
+
+
+def launch(script: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+  """`python script args...` in this process: the launcher is loaded afresh (its flags replace
+  the previous launcher's, every flag back at its default) and run through `common.run` (absl's
+  app.run, which re-parses the flags on a rerun); stdout and stderr are captured and the exit
+  status is that of its SystemExit. JAX sees this process's devices (8 fake CPU devices).
+
+  Raises AssertionError with the output when `check` and the exit status is non-zero.
+  """
+  from absl import flags
+
+  for name in _DEFINED:
+    delattr(flags.FLAGS, name)
+  name = script  # absl files a script's flags under sys.argv[0] (--helpshort lists those)
+  spec = importlib.util.spec_from_file_location(name, script)
+  module = importlib.util.module_from_spec(spec)
+  folder = os.path.dirname(os.path.abspath(script))
+  if folder not in sys.path:  # as `python script` puts it there, for `import common`
+    sys.path.insert(0, folder)
+  sys.modules[name] = module  # absl finds the defining module there
+  try:
+    spec.loader.exec_module(module)  # defines its flags
+  finally:
+    del sys.modules[name]
+  _DEFINED.clear()
+  _DEFINED.update(f.name for f in flags.FLAGS.flags_by_module_dict()[name])
+  flags.FLAGS.unparse_flags()  # flags a previous launch set, --overwrite among them
+  import common
+
+  out, err, argv = io.StringIO(), io.StringIO(), [script, *args]
+  code, saved_argv = 0, sys.argv
+  try:
+    sys.argv = argv
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+      common.run(module.main)
+  except SystemExit as e:
+    code = e.code if isinstance(e.code, int) else int(bool(e.code))
+  finally:
+    sys.argv = saved_argv
+  proc = subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
   if check and proc.returncode:
     raise AssertionError(proc.stdout + proc.stderr)
   return proc

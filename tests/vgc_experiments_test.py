@@ -1,10 +1,14 @@
-"""The VGC launcher: flag validation before any work, a tiny run, and resuming a sweep."""
+"""The VGC launcher: flag validation before any work, a tiny run, and resuming a sweep.
+
+The tiny sweep's first run and one bad flag run the launcher in a subprocess, as a user would;
+the other launches run it in this process (`launcher.launch`, 8 fake devices)."""
 
 import json
 import os
 
+import jax
 import pytest
-from launcher import assert_one_line_error, run_script, tree_hashes
+from launcher import assert_one_line_error, launch, run_script, tree_hashes
 
 ROOT = os.path.join(os.path.dirname(__file__), '..')
 SCRIPT = os.path.join(ROOT, 'experiments', 'vgc.py')
@@ -12,8 +16,14 @@ FLAGFILE = os.path.join(ROOT, 'experiments', 'configs', 'vgc_digits.flags')
 TINY = ['--steps=20', '--eval_every=10', '--hidden=16', '--seeds=0', '--simulate', '--workers=4']
 
 
-def _run(*args, check=True, devices=1):
-  return run_script(SCRIPT, *args, check=check, devices=devices)
+def _run(*args, check=True):
+  return launch(SCRIPT, *args, check=check)
+
+
+def test_a_bad_flag_from_a_shell_gives_one_line(tmp_path):
+  proc = run_script(SCRIPT, f'--workdir={tmp_path}', '--zeta=0', check=False)
+  assert_one_line_error(proc, '--zeta must be in (0, 1], got 0.0')
+  assert os.listdir(tmp_path) == []
 
 
 @pytest.mark.parametrize(
@@ -42,7 +52,7 @@ def test_workers_must_match_devices_unless_simulated(tmp_path):
 
 def test_tiny_sweep_writes_results_and_resumes(tmp_path):
   args = [f'--flagfile={FLAGFILE}', f'--workdir={tmp_path}', *TINY, '--methods=dense,vgc,topk']
-  _run(*args)
+  run_script(SCRIPT, *args)  # from a shell, on one device
   results = json.loads((tmp_path / 'results.json').read_text())
   assert results['experiment'] == 'vgc'
   assert set(results['methods']) == {'dense', 'vgc', 'topk'}
@@ -71,6 +81,6 @@ def test_tiny_sweep_writes_results_and_resumes(tmp_path):
 
 def test_shard_map_on_devices(tmp_path):
   args = [f'--workdir={tmp_path}', '--steps=10', '--eval_every=5', '--hidden=16', '--methods=vgc']
-  _run(*args, devices=4)
+  _run(*args)  # --workers=0: one per device
   results = json.loads((tmp_path / 'results.json').read_text())
-  assert results['workers'] == 4
+  assert results['workers'] == jax.device_count() == 8
