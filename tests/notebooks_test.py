@@ -94,7 +94,11 @@ def test_notebook_executes(path, monkeypatch):
   monkeypatch.setenv('TSUZUKU_NOTEBOOK_SMOKE', '1')  # the kernel inherits os.environ
   nb = nbformat.read(path, as_version=4)  # an in-memory copy: the stored file is never written
   client = NotebookClient(
-    nb, timeout=600, kernel_name='python3', resources={'metadata': {'path': ROOT}}
+    nb,
+    timeout=600,
+    kernel_name='python3',
+    resources={'metadata': {'path': ROOT}},
+    shutdown_kernel='immediate',  # nothing to wait for: a graceful shutdown idles ~2 s
   )
   t0 = time.time()
   client.execute()  # raises CellExecutionError (with the cell and traceback) on any error
