@@ -109,10 +109,10 @@ def test_gaussian_kl_closed_forms():
 def test_mc_certificate_chains_the_two_bounds():
   errs = np.full(100, 0.04)
   out = pac_bayes.mc_certificate(errs, kl=50.0, m=1000, delta=0.025, delta_mc=0.01)
-  assert out['emp_mean'] == pytest.approx(0.04)
-  assert out['emp_upper'] == pytest.approx(pac_bayes.kl_inverse_upper(0.04, math.log(200) / 100))
-  assert out['bound'] == pytest.approx(pac_bayes.langford_seeger(out['emp_upper'], 50, 1000, 0.025))
-  assert out['bound'] > out['emp_upper'] > 0.04 and out['confidence'] == pytest.approx(0.965)
+  assert out.emp_mean == pytest.approx(0.04) and out.samples == 100 and out.kl == 50.0
+  assert out.emp_upper == pytest.approx(pac_bayes.kl_inverse_upper(0.04, math.log(200) / 100))
+  assert out.bound == pytest.approx(pac_bayes.langford_seeger(out.emp_upper, 50, 1000, 0.025))
+  assert out.bound > out.emp_upper > 0.04 and out.confidence == pytest.approx(0.965)
 
 
 def test_bad_input_is_named():
@@ -193,10 +193,8 @@ def test_fit_posterior_lowers_the_objective_and_certify_is_a_valid_chain(key):
   assert objective(mean, sigma) < 0.97 * start
   cert = posterior.certify(apply, mean, sigma, prior, 0.3, x, y, key=key, num_samples=50,
                            delta=0.025, delta_mc=0.01)  # fmt: skip
-  assert cert['emp_mean'] <= cert['emp_upper'] <= cert['bound'] <= 1
-  assert cert['bound'] == pytest.approx(
-    pac_bayes.langford_seeger(cert['emp_upper'], cert['kl'], 300, 0.025)
-  )
+  assert cert.emp_mean <= cert.emp_upper <= cert.bound <= 1
+  assert cert.bound == pytest.approx(pac_bayes.langford_seeger(cert.emp_upper, cert.kl, 300, 0.025))
   # A tiny posterior samples the mean network: its error, also with a padded last chunk.
   tiny = jax.tree.map(lambda t: jnp.full_like(t, 1e-9), mean)
   errs = posterior.sampled_errors(apply, mean, tiny, x, y, key=key, num_samples=3, chunk=128)

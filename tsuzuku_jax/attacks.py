@@ -19,6 +19,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from tsuzuku_jax import checks, progress
 
@@ -92,8 +93,7 @@ def _loss_and_margin(logits_fn, x, y, loss):
   if loss == 'margin':
     per_example = m
   elif loss == 'ce':
-    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    per_example = -jnp.take_along_axis(log_probs, y[:, None], axis=-1)[:, 0]
+    per_example = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y)
   else:
     raise ValueError(f"loss must be 'margin' or 'ce', got {loss!r}")
   per_example = per_example.astype(x.dtype)
@@ -375,8 +375,7 @@ def whitebox_universal(
     z = x + delta
     if clip is not None:
       z = jnp.clip(z, *clip)
-    logits = logits_fn(z)
-    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], -1))
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits_fn(z), y))
 
   @jax.jit
   def run(key):

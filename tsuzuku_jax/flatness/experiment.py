@@ -117,7 +117,7 @@ def _certify(config, apply_fn, prior_mean, s, k, delta, delta_mc, bound_data, te
   test_errors = posterior.sampled_errors(
     apply_fn, mean, sigma, xt, yt, key=jax.random.fold_in(k, 2), num_samples=100
   )
-  row = {**cert, 'objective': float(objective)}
+  row = {**cert._asdict(), 'objective': float(objective)}
   row['stochastic_test_error'] = float(jnp.mean(test_errors))
   row['mean_test_error'] = float(jnp.mean(jnp.argmax(apply_fn(mean, xt), -1) != yt))
   return row

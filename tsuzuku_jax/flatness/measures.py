@@ -12,6 +12,7 @@ says which do not mean what their name says for a given network. The curvature t
 
 import functools
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +32,7 @@ from tsuzuku_jax.flatness.hessian import (
   per_leaf_random,
   top_eigenvalues,
 )
+from tsuzuku_jax.train_lib import cross_entropy
 
 
 def normalized_op(loss_fn: LossFn, params: PyTree) -> Operator:
@@ -118,24 +120,33 @@ def filter_normalized_op(loss_fn: LossFn, params: PyTree) -> Operator:
   return lambda v: scale(op(scale(v)))
 
 
-def matrix_norm_products(weights: list[jax.Array]) -> dict:
+class NormProducts(NamedTuple):
+  """Products over layers of each weight's spectral and Frobenius norms (scalars)."""
+
+  spectral_product: jax.Array
+  frobenius_product: jax.Array
+
+
+def matrix_norm_products(weights: list[jax.Array]) -> NormProducts:
   """The matrix-norm baselines: products over layers of the spectral and of the Frobenius
   norms of each weight, reshaped to (fan_in, out) (a conv kernel's spectral norm here is
   that of its reshaped matrix, not of the convolution). They are invariant to layer-wise
-  rescaling (alpha W_1, W_2 / alpha) but not to neuron-wise rescaling."""
-  spectral, frobenius = 1.0, 1.0
-  for w in weights:
-    m = jnp.reshape(w, (-1, jnp.shape(w)[-1]))
-    spectral *= float(jnp.linalg.norm(m, 2))
-    frobenius *= float(jnp.linalg.norm(m))
-  return {'spectral_product': spectral, 'frobenius_product': frobenius}
+  rescaling (alpha W_1, W_2 / alpha) but not to neuron-wise rescaling. Traceable (jit)."""
+  mats = [jnp.reshape(w, (-1, jnp.shape(w)[-1])) for w in weights]
+  return NormProducts(
+    jnp.prod(jnp.stack([jnp.linalg.norm(m, 2) for m in mats])),
+    jnp.prod(jnp.stack([jnp.linalg.norm(m) for m in mats])),
+  )
 
 
-def path_norm(apply_fn: Callable[[PyTree, jax.Array], jax.Array], params: PyTree, shape) -> float:
+def path_norm(
+  apply_fn: Callable[[PyTree, jax.Array], jax.Array], params: PyTree, shape, dtype=None
+) -> jax.Array:
   """The (squared) path-norm of a ReLU network: the summed outputs of the network with every
-  parameter squared on an all-ones input of `shape` (one example), as in Jiang et al."""
+  parameter squared on an all-ones input of `shape` (one example), as in Jiang et al.
+  Traceable (jit); only a plain ReLU chain computes it (see `inapplicable_measures`)."""
   squared = jax.tree.map(jnp.square, params)
-  return float(jnp.sum(apply_fn(squared, jnp.ones((1, *shape)))))
+  return jnp.sum(apply_fn(squared, jnp.ones((1, *shape), dtype)))
 
 
 def sharpness_sigma(
@@ -183,28 +194,40 @@ def sharpness_sigma(
   return jnp.exp(a)
 
 
-def _cross_entropy(logits, labels):
-  return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], -1))
+class Measures(NamedTuple):
+  """Every measure of `measure_fn` at one network (scalars; see its docstring). A measure that
+  does not apply to the network is None (`inapplicable_measures`)."""
+
+  hessian_trace: jax.Array
+  hessian_trace_stderr: jax.Array
+  top_eigenvalue: jax.Array
+  gauss_newton_trace: jax.Array
+  pac_bayes_sharpness: jax.Array
+  param_norm: jax.Array
+  spectral_product: jax.Array | None  # None on a conv network: see reshaped_spectral_product
+  frobenius_product: jax.Array
+  normalized_trace: jax.Array
+  normalized_trace_stderr: jax.Array
+  normalized_trace_gn: jax.Array
+  sigma_optimised: jax.Array
+  normalized_sqrt: jax.Array
+  pac_bayes_mag_flatness: jax.Array
+  path_norm: jax.Array | None  # None unless the network is a plain ReLU chain
+  filter_normalized_trace: jax.Array
+  filter_normalized_trace_stderr: jax.Array
+  reshaped_spectral_product: jax.Array | None = None  # a conv network's spectral_product
+
+  def to_json(self) -> dict[str, float]:
+    """{name: float} of the measures that apply (fetches them from the device)."""
+    return {k: float(v) for k, v in jax.device_get(self._asdict()).items() if v is not None}
 
 
 def _measures(
-  apply_fn,
-  params,
-  images,
-  labels,
-  key,
-  *,
-  num_probes,
-  chunk,
-  lanczos_iters,
-  lam,
-  sharpness_target,
-  sharpness_samples,
-  sharpness_iters,
-  gn_chunk,
-) -> dict:
+  apply_fn, params, images, labels, key, *, num_probes, chunk, lanczos_iters, lam,
+  sharpness_target, sharpness_samples, sharpness_iters, gn_chunk,
+) -> Measures:  # fmt: skip
   """Every measure of `measure_fn`, unchecked (traced inside its jit)."""
-  loss_fn = lambda p: _cross_entropy(apply_fn(p, images), labels)  # noqa: E731
+  loss_fn = lambda p: cross_entropy(apply_fn(p, images), labels)  # noqa: E731
   error_fn = lambda p: jnp.mean(jnp.argmax(apply_fn(p, images), -1) != labels)  # noqa: E731
   keys = jax.random.split(key, 6)
   h = hessian_op(loss_fn, params)
@@ -226,27 +249,26 @@ def _measures(
   sharp = dict(target=sharpness_target, num_samples=sharpness_samples, iters=sharpness_iters)
   sigma_raw = sharpness_sigma(error_fn, params, key=keys[4], magnitude=False, **sharp)
   sigma_mag = sharpness_sigma(error_fn, params, key=keys[5], magnitude=True, **sharp)
-  weights = [w.reshape(-1, w.shape[-1]) for w in jax.tree.leaves(params) if w.ndim >= 2]
-  squared = jax.tree.map(jnp.square, params)
-  return {
-    'hessian_trace': tr.value,
-    'hessian_trace_stderr': tr.stderr,
-    'top_eigenvalue': top_eigenvalues(h, params, key=keys[3], k=1, num_iters=lanczos_iters)[0],
-    'gauss_newton_trace': jnp.sum(gn),
-    'pac_bayes_sharpness': 1.0 / jnp.square(sigma_raw),
-    'param_norm': jnp.sum(jnp.square(theta)),
-    'spectral_product': jnp.prod(jnp.stack([jnp.linalg.norm(w, 2) for w in weights])),
-    'frobenius_product': jnp.prod(jnp.stack([jnp.linalg.norm(w) for w in weights])),
-    'normalized_trace': ntr.value,
-    'normalized_trace_stderr': ntr.stderr,
-    'normalized_trace_gn': jnp.sum(kappa),
-    'sigma_optimised': pac_bayes.second_order_objective(kappa, lam),
-    'normalized_sqrt': jnp.sum(jnp.sqrt(kappa)),
-    'pac_bayes_mag_flatness': 1.0 / jnp.square(sigma_mag),
-    'path_norm': jnp.sum(apply_fn(squared, jnp.ones((1, *images.shape[1:]), images.dtype))),
-    'filter_normalized_trace': ftr.value,
-    'filter_normalized_trace_stderr': ftr.stderr,
-  }
+  norms = matrix_norm_products([w for w in jax.tree.leaves(params) if w.ndim >= 2])
+  return Measures(
+    hessian_trace=tr.value,
+    hessian_trace_stderr=tr.stderr,
+    top_eigenvalue=top_eigenvalues(h, params, key=keys[3], k=1, num_iters=lanczos_iters)[0],
+    gauss_newton_trace=jnp.sum(gn),
+    pac_bayes_sharpness=1.0 / jnp.square(sigma_raw),
+    param_norm=jnp.sum(jnp.square(theta)),
+    spectral_product=norms.spectral_product,
+    frobenius_product=norms.frobenius_product,
+    normalized_trace=ntr.value,
+    normalized_trace_stderr=ntr.stderr,
+    normalized_trace_gn=jnp.sum(kappa),
+    sigma_optimised=pac_bayes.second_order_objective(kappa, lam),
+    normalized_sqrt=jnp.sum(jnp.sqrt(kappa)),
+    pac_bayes_mag_flatness=1.0 / jnp.square(sigma_mag),
+    path_norm=path_norm(apply_fn, params, images.shape[1:], images.dtype),
+    filter_normalized_trace=ftr.value,
+    filter_normalized_trace_stderr=ftr.stderr,
+  )
 
 
 def measure_fn(
@@ -260,8 +282,8 @@ def measure_fn(
   sharpness_samples: int = 16,
   sharpness_iters: int = 20,
   gn_chunk: int = 64,
-) -> Callable[..., dict]:
-  """`fn(params, images, labels, *, key) -> {name: scalar}`: every measure of a ReLU classifier
+) -> Callable[..., Measures]:
+  """`fn(params, images, labels, *, key) -> Measures`: every measure of a ReLU classifier
   at `params` on (images, labels) with the mean cross-entropy loss, in one jit (non-finite
   parameters, images and out-of-range labels are refused by name first).
 
@@ -273,21 +295,17 @@ def measure_fn(
   `normalized_op`), normalized_trace_gn (sum theta_i^2 G_ii), sigma_optimised (at `lam`),
   normalized_sqrt (sum |theta_i| sqrt(G_ii), its ln(1+x) <= x closed form),
   pac_bayes_mag_flatness (1/sigma^2, magnitude-aware noise) and path_norm. Invariant to filter
-  scaling only: filter_normalized_trace. `*_stderr` entries are Hutchinson standard errors.
-  For a network that is not a plain ReLU chain, path_norm is left out, and for a conv network
-  spectral_product is reported as reshaped_spectral_product (`inapplicable_measures` says why).
+  scaling only: filter_normalized_trace. `*_stderr` fields are Hutchinson standard errors.
+  For a network that is not a plain ReLU chain, path_norm is None, and for a conv network
+  spectral_product is None and its value is reshaped_spectral_product (`inapplicable_measures`
+  says why). `Measures.to_json()` gives the measures that apply as Python floats.
   """
   _check_probes(num_probes, chunk)
   settings = dict(
-    num_probes=num_probes,
-    chunk=chunk,
-    lanczos_iters=lanczos_iters,
-    lam=lam,
-    sharpness_target=sharpness_target,
-    sharpness_samples=sharpness_samples,
+    num_probes=num_probes, chunk=chunk, lanczos_iters=lanczos_iters, lam=lam, gn_chunk=gn_chunk,
+    sharpness_target=sharpness_target, sharpness_samples=sharpness_samples,
     sharpness_iters=sharpness_iters,
-    gn_chunk=gn_chunk,
-  )
+  )  # fmt: skip
   jitted = jax.jit(functools.partial(_measures, apply_fn, **settings))
   caveats: list[dict] = []  # inapplicable_measures, found at the first call
 
@@ -300,9 +318,9 @@ def measure_fn(
       caveats.append(inapplicable_measures(apply_fn, params, images.shape[1:]))
     out = jitted(params, images, labels, key)
     if 'path_norm' in caveats[0]:
-      del out['path_norm']
+      out = out._replace(path_norm=None)
     if 'spectral_product' in caveats[0]:
-      out['reshaped_spectral_product'] = out.pop('spectral_product')
+      out = out._replace(spectral_product=None, reshaped_spectral_product=out.spectral_product)
     return out
 
   return checked
@@ -334,10 +352,10 @@ def inapplicable_measures(
   """{measure: why} for the measures of `measure_fn` that do not mean what their name says for
   this network, read from its parameters and its jaxpr:
 
-  - 'path_norm' (refused: left out of `measure_fn`'s results): the squared-parameter network
+  - 'path_norm' (refused: None in `measure_fn`'s results): the squared-parameter network
     computes the path norm only for a chain of linear maps, biases and ReLUs; batch norm, input
     normalisation, max or average pooling and other operations break that.
-  - 'spectral_product' (labelled: reported as 'reshaped_spectral_product'): a conv kernel's
+  - 'spectral_product' (labelled: None, its value in 'reshaped_spectral_product'): a conv kernel's
     norm here is that of its reshaped (kh kw cin, cout) matrix, not the convolution's operator
     norm (`lmt.certificate` gives a sound bound of the network's).
   """

@@ -17,6 +17,7 @@ posterior, and certifying it with these bounds, is `flatness.posterior`.
 
 import math
 import sys
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -187,7 +188,18 @@ def union_delta(delta, count) -> float:
   return _check_delta(delta) / _check_m(count, 'count')
 
 
-def mc_certificate(sampled_errors, kl, m, delta, delta_mc) -> dict:
+class Certificate(NamedTuple):
+  """A Monte Carlo PAC-Bayes certificate of a stochastic classifier's expected error."""
+
+  emp_mean: float  # mean 0-1 error of the sampled networks on the m examples
+  emp_upper: float  # kl^-1(emp_mean, ln(2/delta_mc)/samples): >= E_Q L_S w.p. >= 1 - delta_mc
+  samples: int  # sampled networks
+  kl: float  # KL(Q || P)
+  bound: float  # Langford-Seeger at emp_upper: holds w.p. >= 1 - delta - delta_mc
+  confidence: float  # 1 - delta - delta_mc
+
+
+def mc_certificate(sampled_errors, kl, m, delta, delta_mc) -> Certificate:
   """A certificate of the stochastic classifier's expected error from n sampled networks.
 
   Args:
@@ -197,8 +209,8 @@ def mc_certificate(sampled_errors, kl, m, delta, delta_mc) -> dict:
     delta: confidence of the PAC-Bayes bound; delta_mc: of the sampling bound.
 
   Returns:
-    dict with 'emp_mean' (mean sampled error), 'emp_upper' (kl^-1(mean, ln(2/delta_mc)/n): with
-    probability >= 1 - delta_mc an upper bound on E_Q L_S) and 'bound' (Langford-Seeger at
+    The `Certificate`: emp_mean (mean sampled error), emp_upper (kl^-1(mean, ln(2/delta_mc)/n):
+    with probability >= 1 - delta_mc an upper bound on E_Q L_S) and bound (Langford-Seeger at
     emp_upper: holds with probability >= 1 - delta - delta_mc).
   """
   errs = np.asarray(sampled_errors, np.float64).reshape(-1)
@@ -207,13 +219,14 @@ def mc_certificate(sampled_errors, kl, m, delta, delta_mc) -> dict:
   delta_mc = _check_delta(delta_mc, 'delta_mc')
   mean = float(np.mean(errs))
   upper = kl_inverse_upper(mean, math.log(2.0 / delta_mc) / errs.size)
-  return {
-    'emp_mean': mean,
-    'emp_upper': upper,
-    'samples': int(errs.size),
-    'bound': langford_seeger(upper, kl, m, delta),
-    'confidence': 1.0 - delta - delta_mc,
-  }
+  return Certificate(
+    emp_mean=mean,
+    emp_upper=upper,
+    samples=int(errs.size),
+    kl=float(kl),
+    bound=langford_seeger(upper, kl, m, delta),
+    confidence=1.0 - delta - delta_mc,
+  )
 
 
 def optimal_sigma_ratio(kappa: jax.Array, lam: float) -> jax.Array:

@@ -13,7 +13,13 @@ import jax
 import jax.numpy as jnp
 
 from tsuzuku_jax import checks
-from tsuzuku_jax.flatness.pac_bayes import _check_delta, _check_m, gaussian_kl, mc_certificate
+from tsuzuku_jax.flatness.pac_bayes import (
+  Certificate,
+  _check_delta,
+  _check_m,
+  gaussian_kl,
+  mc_certificate,
+)
 
 
 def sample_params(mean, sigma, *, key: jax.Array):
@@ -159,14 +165,12 @@ def certify(
   num_samples: int,
   delta: float,
   delta_mc: float,
-) -> dict:
+) -> Certificate:
   """`mc_certificate` of N(mean, diag sigma^2) against the prior N(prior_mean, prior_sigma^2 I)
   on (images, labels), which the prior must not have seen: with probability >= 1 - delta -
-  delta_mc, 'bound' upper-bounds the stochastic classifier's expected test error."""
+  delta_mc, its bound upper-bounds the stochastic classifier's expected test error."""
   errs = jax.device_get(
     sampled_errors(apply_fn, mean, sigma, images, labels, key=key, num_samples=num_samples)
   )
   kl = gaussian_kl(mean, sigma, prior_mean, prior_sigma)
-  out = mc_certificate(errs, kl, int(images.shape[0]), delta, delta_mc)
-  out['kl'] = kl
-  return out
+  return mc_certificate(errs, kl, int(images.shape[0]), delta, delta_mc)

@@ -56,7 +56,7 @@ def train_model(config, hp, seed, train, test, measure_fns, path) -> dict:
     checkpoint_every=config.max_steps,
   )  # fmt: skip
   xj, yj = jnp.asarray(xtr), jnp.asarray(labels)
-  loss_at = jax.jit(lambda p: measures._cross_entropy(apply_fn(p, xj), yj))
+  loss_at = jax.jit(lambda p: train_lib.cross_entropy(apply_fn(p, xj), yj))
   t0 = time.time()
   state = train_lib.train(
     model, train_config, xtr, labels, path, log=lambda s: None,
@@ -83,8 +83,8 @@ def train_model(config, hp, seed, train, test, measure_fns, path) -> dict:
     params, layers, key=jax.random.fold_in(key, 1), low=1 / config.rescale, high=config.rescale
   )
   t0 = time.time()
-  rec['measures'] = {k: float(v) for k, v in jax.device_get(fn(params, xj, yj, key=key)).items()}
-  rec['rescaled'] = {k: float(v) for k, v in jax.device_get(fn(scaled, xj, yj, key=key)).items()}
+  rec['measures'] = fn(params, xj, yj, key=key).to_json()
+  rec['rescaled'] = fn(scaled, xj, yj, key=key).to_json()
   rec['measure_seconds'] = time.time() - t0
   rec['rescaled_output_change'] = float(
     jnp.max(jnp.abs(apply_fn(scaled, xj) - apply_fn(params, xj)))

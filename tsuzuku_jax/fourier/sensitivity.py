@@ -8,6 +8,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from tsuzuku_jax import checks, progress
 from tsuzuku_jax.fourier.directions import _check_inputs, _perturbed, all_frequencies, basis
@@ -22,7 +23,7 @@ def _errors_and_loss(logits_fn, images, labels, deltas, clip, valid):
   k, b = deltas.shape[0], images.shape[0]
   logits = logits_fn(_perturbed(images, deltas, clip)).reshape(k, b, -1)
   wrong = (jnp.argmax(logits, -1) != labels) & valid
-  loss = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[None, :, None], -1)[..., 0]
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.broadcast_to(labels, (k, b)))
   return jnp.sum(wrong, 1), jnp.sum(jnp.where(valid, loss, 0.0), 1)
 
 

@@ -109,7 +109,7 @@ def lmt_loss(
     z = gloro_logits(logits, labels, pair_lip, c)
   else:
     raise ValueError(f'variant must be one of {VARIANTS}, got {variant!r}')
-  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(z, labels))
+  return train_lib.cross_entropy(z, labels)
 
 
 def make_loss(
