@@ -1,37 +1,47 @@
-"""What every launcher shares: one-line errors, the workdir record, the results file.
+"""What every launcher shares: flags made from an experiment's Config, one-line errors, `main`.
 
-A launcher defines its flags, then calls `common.run(main)` instead of `absl.app.run(main)`:
+A launcher is its experiment's Config as flags:
 
-- a bad flag value, a bad dataset file, a workdir that holds another run, a diverged run: one
-  line `error: ...` on stderr and exit status 2, with nothing on disk changed; the full flag help
-  only for `--help`, and a traceback only for a genuine internal error;
-- `open_workdir(experiment, data_identity)` claims `--workdir` before any work (see
-  `tsuzuku_jax.workdir`): every flag of the launcher is its configuration except the `neutral`
-  ones, which cannot change the result (logging cadence, paths);
-- `write_results(results)` writes `WORKDIR/results.json` atomically, with the experiment name.
+  main = common.main(experiment)  # one flag per Config field; flags -> Config -> run
+  if __name__ == '__main__':
+    common.run(main)
+
+- Each Config field becomes a flag of the same name: bool, int, float, str, or a comma-separated
+  list for a tuple field (converted element by element from its annotation); `bool | None` is
+  an enum default|true|false. Its help is the field's comment in the Config's source (on its
+  line, or the comment lines right above it); `Config.CHOICES` makes a field an enum flag.
+- `--workdir` (where the run lives; see `tsuzuku_jax.workdir`) and `--overwrite` are every
+  launcher's. A later invocation resumes only the same flags and data.
+- A bad flag value, a bad dataset file, a workdir that holds another run, a diverged run: one
+  line `error: ...` on stderr and exit status 2, with nothing on disk changed; the full flag
+  help only for `--help`, and a traceback only for a genuine internal error.
 """
 
+import ast
 import dataclasses
+import inspect
+import io
 import os
 import sys
+import textwrap
+import tokenize
+import types
+import typing
 from collections.abc import Callable
 
-from absl import app, flags
+from absl import app, flags, logging
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 
 from tsuzuku_jax import checks, data, train_lib, workdir  # noqa: E402
 
+WORKDIR = flags.DEFINE_string('workdir', None, 'Output directory (the run record, results).')
 OVERWRITE = flags.DEFINE_bool(
   'overwrite',
   False,
   'Start afresh in --workdir, moving any previous run there aside to WORKDIR.old-TIME (never '
   'deleted).',
 )
-
-# Settings that cannot change a result; every launcher may also name its own.
-NEUTRAL = ('workdir', 'overwrite', 'data_dir')
-RESULTS = 'results.json'
 
 # Errors the user can fix: reported as one line, without a traceback.
 USER_ERRORS = (
@@ -68,13 +78,9 @@ def run(main) -> None:
   app.run(checked, flags_parser=_parse_flags)
 
 
-def workdir_path() -> str:
-  return flags.FLAGS.workdir
-
-
 def check_workdir() -> None:
   """For a launcher's flag validation: --workdir given and writable (nothing is created)."""
-  path = workdir_path()
+  path = WORKDIR.value
   if not path:
     raise app.UsageError('--workdir is required')
   try:
@@ -83,86 +89,130 @@ def check_workdir() -> None:
     raise app.UsageError(str(e)) from None
 
 
-def config() -> dict:
-  """Every flag the launcher script defines, and --overwrite, by name: the configuration."""
-  own = flags.FLAGS.get_flags_for_module(sys.argv[0])
-  return {f.name: f.value for f in own} | {'overwrite': OVERWRITE.value}
+def field_help(cls) -> dict[str, str]:
+  """{field: help} from the comments of a dataclass's source: the comment on the field's line,
+  else the comment lines right above it."""
+  source = textwrap.dedent(inspect.getsource(cls))
+  comments, alone = {}, set()  # line number -> comment text; lines holding only a comment
+  for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+    if tok.type == tokenize.COMMENT:
+      row = tok.start[0]
+      comments[row] = tok.string.lstrip('#').strip()
+      if not tok.line[: tok.start[1]].strip():
+        alone.add(row)
+  out = {}
+  for node in ast.parse(source).body[0].body:
+    if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+      row = node.end_lineno
+      if row in comments and row not in alone:
+        out[node.target.id] = comments[row]
+        continue
+      above, row = [], node.lineno - 1
+      while row in alone:
+        above.insert(0, comments[row])
+        row -= 1
+      out[node.target.id] = ' '.join(above)
+  return out
 
 
-def open_workdir(
-  experiment: str, data_identity: dict, neutral: tuple[str, ...] = (), extra: dict | None = None
-) -> bool:
-  """Claims --workdir for this run before any work (see `tsuzuku_jax.workdir.open_run`).
-
-  `extra`: settings resolved at run time that the flags do not pin down (e.g. the number of
-  devices behind --workers=0); they belong to the configuration too.
-
-  Returns:
-    True when the workdir already holds this run complete (its results file exists): the
-    launcher then has nothing to do. False: a new run, or an interrupted one to resume.
-
-  Raises:
-    workdir.WorkdirMismatch: another experiment, configuration or data is there; the message
-      names the first differing flag and how to proceed. Nothing was touched.
-  """
-  path = workdir_path()
-  record = workdir.open_run(
-    path,
-    experiment,
-    config() | (extra or {}),
-    data_identity,
-    neutral=NEUTRAL + tuple(neutral),
-    overwrite=OVERWRITE.value,
-    prefix='--',
-    how='use a new --workdir, or add --overwrite to move the old run aside',
-    name='--workdir',
-  )
-  if record.moved_to:
-    print(f'moved the previous run in {path} to {record.moved_to}', flush=True)
-  results = os.path.join(path, RESULTS)
-  if record.resumed and os.path.exists(results):
-    print(f'{path} holds this run, complete: {results} (--overwrite redoes it)', flush=True)
-    return True
-  if record.resumed:
-    print(f'resuming the run in {path}', flush=True)
-  return False
+def _element(hint):
+  """The element type of a `tuple[X, ...]` hint, or None for a scalar field."""
+  if typing.get_origin(hint) is tuple:
+    return typing.get_args(hint)[0]
+  return None
 
 
-def write_results(experiment: str, results: dict) -> str:
-  """Writes WORKDIR/results.json atomically, tagged with the experiment; returns its path."""
-  path = os.path.join(workdir_path(), RESULTS)
-  workdir.write_json(path, {'experiment': experiment, **results})
-  print(f'wrote {path}', flush=True)
-  return path
+def _is_optional_bool(hint) -> bool:
+  return isinstance(hint, types.UnionType) and set(typing.get_args(hint)) == {bool, type(None)}
 
 
-def config_from_flags(cls, lists: dict[str, tuple[Callable, str]] = (), **given):
-  """An experiment's Config from the flags of the same names: one clear line per bad flag,
-  before any work.
+def _caller_module() -> str:
+  """absl's name of the module calling the caller: a script's is sys.argv[0]."""
+  caller = sys._getframe(2).f_globals['__name__']
+  return sys.argv[0] if caller == '__main__' else caller
 
-  Args:
-    cls: the experiment's frozen Config dataclass (its fields are the launcher's flags).
-    lists: list flags to convert, {name: (element type, what they must be)}; a value that does
-      not convert is reported as `--name must be WHAT, got [...]`.
-    **given: values that do not come from a flag of the same name (already converted).
+
+def define_flags(cls, module: str) -> None:
+  """One flag per field of the dataclass `cls` (see the module docstring), registered for the
+  launcher `module` (absl's module name: its --helpshort lists them)."""
+  hints, helps = typing.get_type_hints(cls), field_help(cls)
+  choices = getattr(cls, 'CHOICES', {})
+  for name in ('workdir', 'overwrite'):  # listed in the launcher's --helpshort too
+    flags.FLAGS.register_key_flag_for_module(module, flags.FLAGS[name])
+  for f in dataclasses.fields(cls):
+    hint, default, text = hints[f.name], f.default, helps.get(f.name) or f.name
+    kw = dict(module_name=module)
+    if f.name in choices:
+      flags.DEFINE_enum(f.name, default, list(choices[f.name]), text, **kw)
+    elif _element(hint) is not None:
+      flags.DEFINE_list(f.name, [str(v) for v in default], text, **kw)
+    elif _is_optional_bool(hint):
+      value = {None: 'default', True: 'true', False: 'false'}[default]
+      flags.DEFINE_enum(f.name, value, ['default', 'true', 'false'], text, **kw)
+    elif hint is bool:
+      flags.DEFINE_bool(f.name, default, text, **kw)
+    elif hint is int:
+      flags.DEFINE_integer(f.name, default, text, **kw)
+    elif hint is float:
+      flags.DEFINE_float(f.name, default, text, **kw)
+    else:
+      flags.DEFINE_string(f.name, default, text, **kw)
+
+
+_WHAT = {int: 'integers', float: 'numbers', str: 'words'}
+
+
+def _convert(kind, text: str):
+  if isinstance(kind, types.UnionType):  # e.g. float | str: a number where it parses as one
+    try:
+      return float(text)
+    except ValueError:
+      return text
+  return kind(text)
+
+
+def config_from_flags(cls):
+  """An experiment's Config from the flags `define_flags(cls)` made: one clear line per bad
+  flag, before any work.
 
   Raises:
     app.UsageError: --workdir missing or unwritable, an unknown dataset, a list element that
       does not convert, or a value the Config refuses (its message, prefixed with '--').
   """
   check_workdir()
-  names = [f.name for f in dataclasses.fields(cls) if f.name not in given]
-  values = {n: getattr(flags.FLAGS, n) for n in names} | given
+  hints, values = typing.get_type_hints(cls), {}
+  for f in dataclasses.fields(cls):
+    value, kind = getattr(flags.FLAGS, f.name), _element(hints[f.name])
+    if kind is not None:
+      try:
+        value = tuple(_convert(kind, v) for v in value)
+      except ValueError:
+        what = _WHAT.get(kind, 'values')
+        message = f'--{f.name} must be a comma-separated list of {what}, got {value}'
+        raise app.UsageError(message) from None
+    elif _is_optional_bool(hints[f.name]):
+      value = {'default': None, 'true': True, 'false': False}[value]
+    values[f.name] = value
   try:
     data.validate_name(values['dataset'])
   except (ValueError, FileNotFoundError) as e:
     raise app.UsageError(f'--dataset: {e}') from None
-  for name, (kind, what) in dict(lists).items():
-    try:
-      values[name] = tuple(kind(v) for v in values[name])
-    except ValueError:
-      raise app.UsageError(f'--{name} must be {what}, got {values[name]}') from None
   try:
     return cls(**values)
   except ValueError as e:
     raise app.UsageError(f'--{e}') from None
+
+
+def main(experiment, setup: Callable[[], None] = lambda: None) -> Callable:
+  """Defines the calling launcher's flags from `experiment.Config` (`define_flags`) and returns
+  its main: flags -> Config -> `setup()` -> `experiment.run(config, --workdir)`."""
+  define_flags(experiment.Config, _caller_module())
+
+  def launch(argv):
+    del argv
+    config = config_from_flags(experiment.Config)
+    logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
+    setup()
+    experiment.run(config, WORKDIR.value, overwrite=OVERWRITE.value, cli=True)
+
+  return launch

@@ -103,9 +103,20 @@ def test_config_from_notebook_runs_the_same_experiment(tmp_path):
     experiment.run(dataclasses.replace(config, c=1.0), str(tmp_path), log=lines.append)
 
 
-def test_help_still_prints_the_flags():
-  proc = launch(SCRIPT, '--helpshort', check=False)
-  assert '--learning_rate' in proc.stdout + proc.stderr
+@pytest.mark.parametrize('name', ['lmt', 'vgc', 'fourier', 'flatness'])
+def test_every_config_field_is_a_flag_with_its_comment_as_help(name):
+  import importlib
+
+  import common
+
+  config = importlib.import_module(f'tsuzuku_jax.{name}.experiment').Config
+  helps = common.field_help(config)
+  text = launch(os.path.join(ROOT, 'experiments', f'{name}.py'), '--helpshort', check=False).stdout
+  for field in dataclasses.fields(config):
+    assert helps[field.name], f'{name}.Config.{field.name} has no comment to serve as its help'
+    flag = f'--[no]{field.name}:' if isinstance(field.default, bool) else f'--{field.name}:'
+    assert flag in text, (flag, text[-3000:])
+  assert '--workdir:' in text and '--[no]overwrite:' in text
 
 
 def test_unwritable_workdir(tmp_path):

@@ -41,7 +41,7 @@ def test_a_bad_flag_from_a_shell_gives_one_line(tmp_path):
 @pytest.mark.parametrize(
   'flag, message',
   [
-    ('--widths=16,x', "--widths must be a list of ints, got ['16', 'x']"),
+    ('--widths=16,x', "--widths must be a comma-separated list of integers, got ['16', 'x']"),
     ('--label_noises=1.5', '--label_noises must be fractions in [0, 1], got (1.5,)'),
     ('--probes=abc', "flag --probes=abc: invalid literal for int() with base 10: 'abc'"),
     ('--dataset=npz:/no/such.npz', '/no/such.npz'),

@@ -37,7 +37,7 @@ def test_a_bad_flag_from_a_shell_gives_one_line(tmp_path):
 @pytest.mark.parametrize(
   'flag, message',
   [
-    ('--eps=a', '--eps must be numbers or "auto"'),
+    ('--eps=a', '--eps must be non-negative norms or "auto", got (\'a\',)'),
     ('--dataset=npz:/no/such.npz', '/no/such.npz'),
     ('--random_target=1', '--random_target must be in [0, 1)'),
     ('--search=foo', 'flag --search=foo: value should be one of <exhaustive|halving>'),

@@ -27,6 +27,9 @@ from tsuzuku_jax import checks, data, loop
 from tsuzuku_jax import workdir as record
 from tsuzuku_jax.loop import CheckpointMismatch, TrainingDiverged  # noqa: F401 (re-exported)
 
+OPTIMIZERS = ('adam', 'sgd')
+SCHEDULES = ('cosine', 'constant', 'step')  # cosine and step decay after any warm-up
+
 
 class TrainState(NamedTuple):
   step: jax.Array  # shape=(), int32: number of optimiser steps taken.
@@ -57,8 +60,8 @@ class TrainConfig:
       (self.steps > 0, f'steps must be positive, got {self.steps}'),
       (self.batch_size > 0, f'batch_size must be positive, got {self.batch_size}'),
       (self.learning_rate > 0, f'learning_rate must be positive, got {self.learning_rate}'),
-      (self.optimizer in ('adam', 'sgd'), f'unknown optimizer {self.optimizer!r}'),
-      (self.schedule in ('cosine', 'constant', 'step'), f'unknown schedule {self.schedule!r}'),
+      (self.optimizer in OPTIMIZERS, f'unknown optimizer {self.optimizer!r}'),
+      (self.schedule in SCHEDULES, f'unknown schedule {self.schedule!r}'),
       (self.checkpoint_every > 0, 'checkpoint_every must be positive'),
     ]
     for ok, msg in checks:

@@ -13,6 +13,7 @@ import dataclasses
 import os
 import time
 from collections.abc import Callable
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -47,14 +48,17 @@ def _fractions_ok(texts) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  """Everything that defines a Fourier run (the launcher's flags, one field each)."""
+  """Everything that defines a Fourier run (the launcher's flags, one field each; a field's
+  comment is its flag's help)."""
+
+  CHOICES: ClassVar[dict] = dict(search=SEARCHES)
 
   dataset: str = 'digits'  # digits | mnist | cifar10 | npz:PATH
   channels: tuple[int, ...] = (32, 64)  # CNN channels per stage
   dense: int = 128  # CNN dense width
   steps: int = 2000  # training steps
-  batch_size: int = 128
-  learning_rate: float = 1e-3  # Adam
+  batch_size: int = 128  # training batch size
+  learning_rate: float = 1e-3  # Adam learning rate
   # L2 norms (pixels in [0, 1]) of the perturbations; 'auto': the norm at which the random
   # baseline's directions fool `random_target` of the held-out images (bisection).
   eps: tuple[float | str, ...] = ('auto',)
@@ -66,12 +70,12 @@ class Config:
   heldout_images: int = 0  # held-out test images after the search set (0: all the rest)
   shift_stride: int = 1  # evaluate circular shifts on this grid stride (1: every shift)
   search_images: int = 256  # test images the search may query
-  search: str = 'exhaustive'  # SEARCHES
+  search: str = 'exhaustive'  # search mode
   first_images: int = 16  # halving: images in the first round
   eta: int = 4  # halving: keep 1/eta per round
   random_trials: int = 20  # random directions per norm
   uap_steps: int = 300  # white-box universal perturbation steps
-  seed: int = 0
+  seed: int = 0  # random seed
 
   def __post_init__(self):
     """One message per bad field, naming it (the launcher prefixes '--')."""

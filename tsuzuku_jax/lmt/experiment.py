@@ -11,6 +11,7 @@ WORKDIR/run.json records the run: a later call resumes only the same configurati
 import dataclasses
 import os
 from collections.abc import Callable
+from typing import ClassVar
 
 import jax
 import numpy as np
@@ -27,11 +28,17 @@ NEUTRAL = ('log_every', 'checkpoint_every', 'data_dir', 'overwrite', 'workdir')
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  """Everything that defines an LMT run (the launcher's flags, one field each)."""
+  """Everything that defines an LMT run (the launcher's flags, one field each; a field's
+  comment is its flag's help)."""
+
+  CHOICES: ClassVar[dict] = dict(
+    model=MODELS, optimizer=train_lib.OPTIMIZERS, schedule=train_lib.SCHEDULES, form=FORMS,
+    variant=VARIANTS, activation=('minmax', 'relu'),
+  )  # fmt: skip
 
   dataset: str = 'digits'  # digits | mnist | cifar10 | npz:PATH
   data_dir: str | None = None  # tensorflow_datasets data_dir
-  model: str = 'mlp'  # MODELS
+  model: str = 'mlp'  # architecture
   hidden: tuple[int, ...] = (256, 256)  # MLP hidden widths
   channels: tuple[int, ...] = (32, 64)  # CNN channels per stage
   dense: int = 128  # CNN / LiResNet dense width
@@ -41,26 +48,26 @@ class Config:
   activation: str = 'minmax'  # LiResNet: 'minmax' (GroupSort) or 'relu'
   dropout: float = 0.0  # WRN dropout
   normalize: bool = False  # per-channel standardisation inside the model
-  steps: int = 2000
-  batch_size: int = 128
-  optimizer: str = 'adam'
-  learning_rate: float = 1e-3
-  schedule: str = 'cosine'
-  warmup_steps: int = 0
-  weight_decay: float = 0.0
+  steps: int = 2000  # training steps
+  batch_size: int = 128  # global batch size
+  optimizer: str = 'adam'  # optimiser
+  learning_rate: float = 1e-3  # peak learning rate
+  schedule: str = 'cosine'  # learning-rate schedule
+  warmup_steps: int = 0  # learning-rate warm-up steps
+  weight_decay: float = 0.0  # weight decay
   c: float = 0.5  # LMT margin scale (> 0)
   c_warmup_steps: int = 0  # steps over which c ramps up from 1e-5
-  form: str = 'pairwise'  # bound form used in training: FORMS
-  variant: str = 'lmt'  # margin loss: VARIANTS
+  form: str = 'pairwise'  # bound form used in training
+  variant: str = 'lmt'  # margin loss variant
   clip: bool = False  # clip the margin as the released LMT code did
-  seed: int = 0
+  seed: int = 0  # random seed (initialisation and data order)
   eps: tuple[float, ...] = (0.1, 0.3, 0.5, 1.0)  # L2 radii to report
   baseline: bool = True  # also train the plain cross-entropy model
-  pgd_steps: int = 40
-  pgd_restarts: int = 4
+  pgd_steps: int = 40  # PGD steps
+  pgd_restarts: int = 4  # PGD random restarts
   attack_examples: int = 1000  # test points attacked by PGD
-  log_every: int = 200
-  checkpoint_every: int = 1000
+  log_every: int = 200  # steps between progress lines
+  checkpoint_every: int = 1000  # steps between checkpoints
 
   def __post_init__(self):
     """One message per bad field, naming it (the launcher prefixes '--')."""

@@ -15,13 +15,14 @@ import dataclasses
 import json
 import os
 from collections.abc import Callable
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from tsuzuku_jax import checks, data, models, train_lib, workdir
-from tsuzuku_jax.vgc import compression, cost_model
+from tsuzuku_jax.vgc import compression, cost_model, variance
 from tsuzuku_jax.vgc import data_parallel as dp
 
 NEUTRAL = ('eval_every', 'checkpoint_every', 'overwrite', 'workdir')
@@ -29,40 +30,46 @@ NEUTRAL = ('eval_every', 'checkpoint_every', 'overwrite', 'workdir')
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  """Everything that defines a VGC sweep (the launcher's flags, one field each)."""
+  """Everything that defines a VGC sweep (the launcher's flags, one field each; a field's
+  comment is its flag's help)."""
 
-  dataset: str = 'digits'
-  model: str = 'mlp'  # 'mlp' | 'cnn' (no batch norm)
-  hidden: tuple[int, ...] = (256,)
-  channels: tuple[int, ...] = (32, 64)
-  dense: int = 128
-  methods: tuple[str, ...] = ('dense', 'vgc')  # any of compression.METHODS
-  seeds: tuple[int, ...] = (0,)
+  CHOICES: ClassVar[dict] = dict(
+    model=('mlp', 'cnn'), estimator=variance.ESTIMATORS, schedule=('cosine', 'constant'),
+    momentum_on=('update', 'worker'), weight_decay_on=('update', 'gradient'),
+  )  # fmt: skip
+
+  dataset: str = 'digits'  # digits | mnist | cifar10 | npz:PATH
+  model: str = 'mlp'  # architecture (no batch norm)
+  hidden: tuple[int, ...] = (256,)  # MLP hidden widths
+  channels: tuple[int, ...] = (32, 64)  # CNN channels per stage
+  dense: int = 128  # CNN dense width
+  methods: tuple[str, ...] = ('dense', 'vgc')  # any of dense, vgc, strom, hybrid, topk
+  seeds: tuple[int, ...] = (0,)  # seeds (model initialisation and data order)
   alpha: float = 2.0  # vgc/hybrid: send when r^2 > alpha v
   zeta: float = 0.999  # vgc/hybrid: decay of v for unsent elements
   tau: float = 0.01  # strom/hybrid: threshold on |r|
   density: float = 0.001  # topk: fraction sent per tensor
   capacity: float = 0.05  # vgc/strom/hybrid: slots per tensor (fraction)
-  quantize: bool | None = None  # 4-bit codes; None: the method's default
-  estimator: str = 'cheap'  # 'cheap' | 'microbatch' | 'per_example'
-  microbatches: int = 4
-  workers: int = 0  # 0: one per device
+  quantize: bool | None = None  # 4-bit codes (None, 'default': the method's own choice)
+  estimator: str = 'cheap'  # variance estimator
+  microbatches: int = 4  # micro-batches of the microbatch estimator
+  workers: int = 0  # workers (0: one per device)
   simulate: bool = False  # run the workers as a vmap on one device
-  steps: int = 2000
-  batch_size: int = 128
-  learning_rate: float = 0.05
-  schedule: str = 'cosine'
-  momentum: float = 0.9
-  momentum_on: str = 'update'
-  weight_decay: float = 0.0
-  weight_decay_on: str = 'update'
-  eval_every: int = 100
+  steps: int = 2000  # training steps
+  batch_size: int = 128  # global batch size
+  learning_rate: float = 0.05  # peak learning rate (SGD)
+  schedule: str = 'cosine'  # learning-rate schedule
+  momentum: float = 0.9  # heavy-ball momentum
+  momentum_on: str = 'update'  # where momentum acts: on the mean update or on each worker
+  weight_decay: float = 0.0  # weight decay
+  weight_decay_on: str = 'update'  # where weight decay acts: update or gradient
+  eval_every: int = 100  # steps between test evaluations
   checkpoint_every: int = 500  # orbax checkpoints of each training (it resumes inside)
   # The speed-up model's reference network (ASSUMED accelerator figures, not measured here).
-  reference_params: float = 25e6
-  reference_t_compute_ms: float = 85.0
-  reference_memory_gbs: float = 3350.0
-  reference_compress_over_floor: float = 1.5
+  reference_params: float = 25e6  # the speed-up model's reference network: parameters
+  reference_t_compute_ms: float = 85.0  # ASSUMED step time there (ms)
+  reference_memory_gbs: float = 3350.0  # ASSUMED memory bandwidth (GB/s)
+  reference_compress_over_floor: float = 1.5  # ASSUMED compress time / memory floor
 
   def __post_init__(self):
     """One message per bad field, naming it (the launcher prefixes '--')."""
