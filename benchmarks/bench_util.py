@@ -123,6 +123,14 @@ def write_json(path: str, out: dict) -> None:
   print(f'\nwrote {os.path.normpath(path)}')
 
 
+def record(name: str, info: dict, args, **fields) -> dict:
+  """A benchmark's JSON record: its name, ok, the device, the settings (the parsed arguments
+  but --out), then `fields`."""
+  settings = {k: v for k, v in vars(args).items() if k != 'out'}
+  head = {'benchmark': name, 'ok': True, 'device': info, 'device_description': describe(info)}
+  return {**head, 'settings': settings, **fields}
+
+
 def save_results(out: dict, path: str | None, name: str) -> None:
   """Writes `out` to `path`; None means benchmarks/results/{name}_{platform}.json, '' nowhere."""
   if path is None:

@@ -40,16 +40,7 @@ from jax.flatten_util import ravel_pytree
 _ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
 sys.path.insert(0, _ROOT)
 
-from benchmarks.bench_util import (  # noqa: E402
-  describe,
-  device_info,
-  fail,
-  format_table,
-  interleaved_times,
-  save_results,
-  summary,
-  timed,
-)
+from benchmarks import bench_util as bu  # noqa: E402
 from tsuzuku_jax import flatness, models  # noqa: E402
 
 MODELS = ('mlp', 'cnn', 'wrn')
@@ -212,8 +203,8 @@ def run_model(name: str, args, ft=None) -> tuple[dict, list[str]]:
     fns['torch_loop'] = synced(lambda: [db(v) for v in vs])
   if failures:
     return {}, failures
-  compile_s = {n: timed(f)[1] for n, f in fns.items()}
-  times = interleaved_times(fns, {n: () for n in fns}, args.repeats, args.calls, advance=False)
+  compile_s = {n: bu.timed(f)[1] for n, f in fns.items()}
+  times = bu.interleaved_times(fns, {n: () for n in fns}, args.repeats, args.calls, advance=False)
   med = {n: statistics.median(t) for n, t in times.items()}
   n_params = flatness.num_params(params)
   res = {
@@ -222,7 +213,7 @@ def run_model(name: str, args, ft=None) -> tuple[dict, list[str]]:
     'batch_size': args.batch_size,
     'probes': k,
     'compile_and_first_call_s': compile_s,
-    'times': {n: summary(t) for n, t in times.items()},
+    'times': {n: bu.summary(t) for n, t in times.items()},
     'hvp_over_grad': med['hvp'] / med['grad'],
     'vmap_speedup_over_loop': med['loop'] / med['vmap'],
     'linearized_speedup_over_loop': med['loop'] / med['linearized_vmap'],
@@ -248,8 +239,8 @@ def run_model(name: str, args, ft=None) -> tuple[dict, list[str]]:
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
-  info = device_info()
-  print(f'flatness_bench on {describe(info)}', flush=True)
+  info = bu.device_info()
+  print(f'flatness_bench on {bu.describe(info)}', flush=True)
   ft = _torch_peer(args)
   results, failures = {}, []
   for name in args.models:
@@ -258,8 +249,8 @@ def main(argv=None) -> dict:
     if not f:
       print(f'{name}: {results[name]["params"]} parameters', flush=True)
   if failures:
-    fail('HVP correctness', failures)
-  print(f'\nDevice: {describe(info)}; load average at start {info.get("load_average", "?")}')
+    bu.fail('HVP correctness', failures)
+  print(f'\nDevice: {bu.describe(info)}; load average at start {info.get("load_average", "?")}')
   rows = [
     [
       n,
@@ -275,7 +266,7 @@ def main(argv=None) -> dict:
   ]
   print(f'\nHVP vs gradient, batch {args.batch_size}; {args.probes} probes vmapped vs a loop:')
   print(
-    format_table(
+    bu.format_table(
       [
         'model',
         'params',
@@ -304,15 +295,9 @@ def main(argv=None) -> dict:
       for n, p in peers.items()
     ]
     heads = ['model', 'torch hvp/grad', 'double-backward / ours', 'torch.func fwd-rev / ours']
-    print(format_table([*heads, f'{args.probes}-probe loop / our best'], rows))
-  out = {
-    'ok': True,
-    'device': info,
-    'device_description': describe(info),
-    'settings': {k: v for k, v in vars(args).items() if k != 'out'},
-    'models': results,
-  }
-  save_results(out, args.out, 'flatness_bench')
+    print(bu.format_table([*heads, f'{args.probes}-probe loop / our best'], rows))
+  out = bu.record('flatness_bench', info, args, models=results)
+  bu.save_results(out, args.out, 'flatness_bench')
   return out
 
 

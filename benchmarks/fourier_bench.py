@@ -41,17 +41,7 @@ import numpy as np
 _ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
 sys.path.insert(0, _ROOT)
 
-from benchmarks.bench_util import (  # noqa: E402
-  calls_per_repeat,
-  describe,
-  device_info,
-  fail,
-  format_table,
-  interleaved_times,
-  save_results,
-  summary,
-  timed,
-)
+from benchmarks import bench_util as bu  # noqa: E402
 from tsuzuku_jax import data, fourier, models  # noqa: E402
 
 LOSS_RTOL = 1e-4
@@ -177,18 +167,18 @@ def _inference(logits_fn, x, y, batch_sizes, repeats):
   rows = {}
   for b in batch_sizes:
     xb, yb = jnp.asarray(x[:b]), jnp.asarray(y[:b])
-    timed(infer, xb, yb)  # compile
-    calls = calls_per_repeat(infer, (xb, yb), 1, 0.5)
-    times = interleaved_times({b: infer}, {b: (xb, yb)}, repeats, calls, advance=False)[b]
-    rows[b] = {**summary(times), 'images_per_s': b / statistics.median(times)}
+    bu.timed(infer, xb, yb)  # compile
+    calls = bu.calls_per_repeat(infer, (xb, yb), 1, 0.5)
+    times = bu.interleaved_times({b: infer}, {b: (xb, yb)}, repeats, calls, advance=False)[b]
+    rows[b] = {**bu.summary(times), 'images_per_s': b / statistics.median(times)}
   return rows
 
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
-  info = device_info()
+  info = bu.device_info()
   s = _settings(args, info['platform'] == 'gpu')
-  print(f'fourier_bench on {describe(info)}', flush=True)
+  print(f'fourier_bench on {bu.describe(info)}', flush=True)
   model = models.CNN(10, (32, 64), 256, batch_norm=False)
   x = _images(s)
   variables = model.init(jax.random.key(s.seed), jnp.asarray(x[:1]))
@@ -215,11 +205,11 @@ def main(argv=None) -> dict:
     fn = functools.partial(
       fourier.heat_map, logits_fn, x, y, s.eps, key=key, chunk=chunk, batch=batch
     )
-    (err, loss), compile_s = timed(fn)
-    times = [timed(fn)[1] for _ in range(s.repeats)]
+    (err, loss), compile_s = bu.timed(fn)
+    times = [bu.timed(fn)[1] for _ in range(s.repeats)]
     name = f'{chunk}x{batch}'
     heat[name] = {
-      **summary(times),
+      **bu.summary(times),
       'chunk': chunk,
       'batch': batch,
       'images_used': used,
@@ -241,13 +231,13 @@ def main(argv=None) -> dict:
   if not loop_err.max() > 0:
     failures.append(f'degenerate: no direction flips any prediction at L2 {s.eps:g}')
   if failures:
-    fail('Heat map equals loop', failures)
+    bu.fail('Heat map equals loop', failures)
 
   limit_s = k_dirs * n / best_rate
-  print(f'\nDevice: {describe(info)}; load average at start {info.get("load_average", "?")}')
+  print(f'\nDevice: {bu.describe(info)}; load average at start {info.get("load_average", "?")}')
   print('\nBatched inference (the limit is the best row):')
   print(
-    format_table(
+    bu.format_table(
       ['batch', 'ms', 'images/s'],
       [[b, r['median_ms'], r['images_per_s']] for b, r in infer.items()],
     )
@@ -259,20 +249,11 @@ def main(argv=None) -> dict:
     r['over_limit'] = sec / scaled_limit
     r['fraction_of_limit'] = scaled_limit / sec
     r['loop_over_heat_map'] = (loop_s / used_loop) / (sec / r['images_used'])
-    rows.append(
-      [
-        name,
-        sec,
-        scaled_limit,
-        r['over_limit'],
-        r['fraction_of_limit'],
-        r['loop_over_heat_map'],
-        r.get('equals_loop', '-'),
-      ]
-    )
+    rows.append([name, sec, scaled_limit, r['over_limit'], r['fraction_of_limit'],
+      r['loop_over_heat_map'], r.get('equals_loop', '-')])  # fmt: skip
   print(f'\nHeat map, all {k_dirs} directions x N images (loop: {loop_s:.2f} s on {used_loop}):')
   print(
-    format_table(
+    bu.format_table(
       ['chunk x batch', 's', 'limit s', 'heat/limit', 'of limit', 'loop/heat', '= loop'], rows
     )
   )
@@ -281,21 +262,13 @@ def main(argv=None) -> dict:
     f'\nbest {best}: {heat[best]["fraction_of_limit"]:.2f} of the batched-inference limit, '
     f'{heat[best]["loop_over_heat_map"]:.2f}x the reference-style loop'
   )
-  out = {
-    'ok': True,
-    'device': info,
-    'device_description': describe(info),
-    'settings': {k: v for k, v in vars(s).items() if k != 'out'},
-    'directions': k_dirs,
-    'images': n,
-    'inference': {str(b): r for b, r in infer.items()},
-    'best_inference_batch': best_b,
-    'limit_s': limit_s,
-    'loop': {'seconds': loop_s, 'batch': best_b, 'images_used': used_loop},
-    'heat_map': heat,
-    'best_config': best,
-  }
-  save_results(out, args.out, 'fourier_bench')
+  out = bu.record(
+    'fourier_bench', info, s, directions=k_dirs, images=n,
+    inference={str(b): r for b, r in infer.items()}, best_inference_batch=best_b,
+    limit_s=limit_s, loop={'seconds': loop_s, 'batch': best_b, 'images_used': used_loop},
+    heat_map=heat, best_config=best,
+  )  # fmt: skip
+  bu.save_results(out, args.out, 'fourier_bench')
   return out
 
 

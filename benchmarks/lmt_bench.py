@@ -54,16 +54,7 @@ _ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
 sys.path.insert(0, _ROOT)
 
 
-from benchmarks.bench_util import (  # noqa: E402
-  calls_per_repeat,
-  describe,
-  device_info,
-  format_table,
-  interleaved_times,
-  save_results,
-  summary,
-  timed,
-)
+from benchmarks import bench_util as bu  # noqa: E402
 from tsuzuku_jax import lmt, models, train_lib  # noqa: E402
 
 # A certificate may sit below the converged (lower-bound) estimate by float32 rounding only.
@@ -266,7 +257,7 @@ def run_model(spec: Spec, args: argparse.Namespace, on_cpu: bool) -> tuple[dict,
   states, compile_s = {}, {}
   for v in spec.variants:
     log(f'compiling the {v} train step (batch {b})')
-    (states[v], _), compile_s[v] = timed(steps[v], inits[v][0], batch)
+    (states[v], _), compile_s[v] = bu.timed(steps[v], inits[v][0], batch)
 
   # Correctness, on the LMT state after a few steps (moved weights, iterates, BN statistics).
   state = states['lmt']
@@ -277,8 +268,8 @@ def run_model(spec: Spec, args: argparse.Namespace, on_cpu: bool) -> tuple[dict,
   variables = train_lib.variables_of(state)
   log('certificate (jaxpr analysis, host float64 bounds)')
   with jax.default_matmul_precision('highest'):
-    bounds, bounds_first_s = timed(lmt.certificate, apply_fn, variables, shape)
-    _, bounds_again_s = timed(lmt.certificate, apply_fn, variables, shape)
+    bounds, bounds_first_s = bu.timed(lmt.certificate, apply_fn, variables, shape)
+    _, bounds_again_s = bu.timed(lmt.certificate, apply_fn, variables, shape)
   log('checking certificate >= converged (network and per segment)')
   t0 = time.perf_counter()
   record['correctness'], ok = check_bounds(apply_fn, variables, shape, bounds, state.loss_state)
@@ -288,12 +279,12 @@ def run_model(spec: Spec, args: argparse.Namespace, on_cpu: bool) -> tuple[dict,
 
   # Train-step timing, variants interleaved.
   min_s = 0.0 if args.smoke else args.min_repeat_s
-  k = calls_per_repeat(steps['plain'], (states['plain'], batch), spec.steps_per_repeat, min_s)
+  k = bu.calls_per_repeat(steps['plain'], (states['plain'], batch), spec.steps_per_repeat, min_s)
   record['steps_per_repeat'] = k
   log(f'timing {", ".join(spec.variants)}: {spec.repeats} x {k} steps')
   inits = {v: (states[v], batch) for v in spec.variants}
-  times = interleaved_times(steps, inits, spec.repeats, k, advance=True)
-  train = {v: {**summary(times[v]), 'compile_and_first_step_s': compile_s[v]} for v in times}
+  times = bu.interleaved_times(steps, inits, spec.repeats, k, advance=True)
+  train = {v: {**bu.summary(times[v]), 'compile_and_first_step_s': compile_s[v]} for v in times}
   for v in spec.variants[1:]:
     train[v]['ratio_to_plain'] = train[v]['median_ms'] / train['plain']['median_ms']
     train[v]['ratio_to_plain_paired_median'] = statistics.median(
@@ -320,11 +311,11 @@ def run_model(spec: Spec, args: argparse.Namespace, on_cpu: bool) -> tuple[dict,
     inputs['plain_highest'] = inputs['plain']
   log('timing inference and certification')
   for name, fn in fns.items():
-    timed(fn, *inputs[name])
+    bu.timed(fn, *inputs[name])
   eval_repeats = max(spec.repeats, 3)
-  eval_k = calls_per_repeat(fns['plain'], inputs['plain'], 2 * spec.steps_per_repeat, min_s)
-  times = interleaved_times(fns, inputs, eval_repeats, eval_k, advance=False)
-  cert = {name: summary(t) for name, t in times.items()}
+  eval_k = bu.calls_per_repeat(fns['plain'], inputs['plain'], 2 * spec.steps_per_repeat, min_s)
+  times = bu.interleaved_times(fns, inputs, eval_repeats, eval_k, advance=False)
+  cert = {name: bu.summary(t) for name, t in times.items()}
   cert['repeats'], cert['calls_per_repeat'] = eval_repeats, eval_k
   for name in fns:
     cert[name]['images_per_s'] = b / (cert[name]['median_ms'] / 1e3)
@@ -360,29 +351,13 @@ def correctness_table(results: dict) -> str:
     status = 'ok' if c['ok'] else 'FAIL'
     if c['ok'] and c['segments_over_warn']:
       status = 'WARNING'
-    rows.append(
-      [
-        name,
-        f'{len(c["segments"])} ({c["exact_segments"]} exact)',
-        c['max_segment_ratio'],
-        c['loosest_segment'],
-        c['min_segment_ratio'],
-        c['network_pairwise_max_certificate_over_converged'],
-        c['estimate_over_converged'],
-        status,
-      ]
-    )
-  headers = [
-    'model',
-    'segments',
-    'max cert/conv',
-    'at segment',
-    'min cert/conv',
-    'net pairwise cert/conv',
-    '1-step est/conv',
-    'status',
-  ]
-  return format_table(headers, rows)
+    rows.append([name, f'{len(c["segments"])} ({c["exact_segments"]} exact)',
+      c['max_segment_ratio'], c['loosest_segment'], c['min_segment_ratio'],
+      c['network_pairwise_max_certificate_over_converged'],
+      c['estimate_over_converged'], status])  # fmt: skip
+  headers = ['model', 'segments', 'max cert/conv', 'at segment', 'min cert/conv',
+    'net pairwise cert/conv', '1-step est/conv', 'status']  # fmt: skip
+  return bu.format_table(headers, rows)
 
 
 def train_table(results: dict) -> str:
@@ -390,74 +365,36 @@ def train_table(results: dict) -> str:
   for name, r in results.items():
     t = r['train_step']
     gloro = t.get('gloro')
-    rows.append(
-      [
-        name,
-        'x'.join(map(str, r['input_shape'])),
-        r['batch_size'],
-        f'{r["repeats"]}x{r["steps_per_repeat"]}',
-        t['plain']['median_ms'],
-        t['lmt']['median_ms'],
-        t['lmt']['ratio_to_plain_paired_median'],
-        t['lmt']['ratio_to_plain'],
-        gloro['median_ms'] if gloro else '-',
-        gloro['ratio_to_plain_paired_median'] if gloro else '-',
-      ]
-    )
-  headers = [
-    'model',
-    'input',
-    'batch',
-    'reps',
-    'plain ms/step',
-    'LMT ms/step',
-    'LMT/plain',
-    '(of medians)',
-    'GloRo ms/step',
-    'GloRo/plain',
-  ]
-  return format_table(headers, rows)
+    rows.append([name, 'x'.join(map(str, r['input_shape'])), r['batch_size'],
+      f'{r["repeats"]}x{r["steps_per_repeat"]}', t['plain']['median_ms'],
+      t['lmt']['median_ms'], t['lmt']['ratio_to_plain_paired_median'],
+      t['lmt']['ratio_to_plain'], gloro['median_ms'] if gloro else '-',
+      gloro['ratio_to_plain_paired_median'] if gloro else '-'])  # fmt: skip
+  headers = ['model', 'input', 'batch', 'reps', 'plain ms/step', 'LMT ms/step',
+    'LMT/plain', '(of medians)', 'GloRo ms/step', 'GloRo/plain']  # fmt: skip
+  return bu.format_table(headers, rows)
 
 
 def certification_table(results: dict) -> str:
   rows = []
   for name, r in results.items():
     c = r['certification']
-    rows.append(
-      [
-        name,
-        r['batch_size'],
-        c['bounds_first_s'],
-        c['bounds_again_s'],
-        c['plain']['images_per_s'],
-        c['certify']['images_per_s'],
-        c['certify_over_plain_time_paired_median'],
-        c['certify_over_plain_time'],
-        c['test_set_estimate']['certify_s'],
-        c['test_set_estimate']['ratio'],
-      ]
-    )
-  headers = [
-    'model',
-    'batch',
-    'bounds s (1st)',
-    'bounds s (2nd)',
-    'plain img/s',
-    'certify img/s',
-    'certify/plain time',
-    '(of medians)',
-    f'{TEST_SET // 1000}k certify s',
-    f'{TEST_SET // 1000}k certify/plain',
-  ]
-  return format_table(headers, rows)
+    rows.append([name, r['batch_size'], c['bounds_first_s'], c['bounds_again_s'],
+      c['plain']['images_per_s'], c['certify']['images_per_s'],
+      c['certify_over_plain_time_paired_median'], c['certify_over_plain_time'],
+      c['test_set_estimate']['certify_s'], c['test_set_estimate']['ratio']])  # fmt: skip
+  headers = ['model', 'batch', 'bounds s (1st)', 'bounds s (2nd)', 'plain img/s',
+    'certify img/s', 'certify/plain time', '(of medians)',
+    f'{TEST_SET // 1000}k certify s', f'{TEST_SET // 1000}k certify/plain']  # fmt: skip
+  return bu.format_table(headers, rows)
 
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
-  info = device_info()
+  info = bu.device_info()
   specs = model_specs(args, info['platform'])
   ctx, threads = blas_limit(args.blas_threads)
-  print(f'lmt_bench on {describe(info)}; host BLAS threads: {threads}', flush=True)
+  print(f'lmt_bench on {bu.describe(info)}; host BLAS threads: {threads}', flush=True)
   results = {}
   t_start = time.perf_counter()
   with ctx:
@@ -470,7 +407,7 @@ def main(argv=None) -> dict:
         for f in record['correctness']['failures']:
           print(f'  {spec.name}: {f}')
         raise SystemExit(1)
-  print(f'\nDevice: {describe(info)}')
+  print(f'\nDevice: {bu.describe(info)}')
   print(f'\nCorrectness after {args.check_steps + 1} LMT steps: cert = sound certificate (upper')
   print(f'bound), conv = {lmt.CONVERGED_ITERS} power-iteration steps (lower bound), est = the')
   print(f'1-step training estimate; fails if cert < conv * (1 - {FAIL_RTOL:g}) anywhere.')
@@ -491,21 +428,9 @@ def main(argv=None) -> dict:
   print(f'analysis, host float64); {TEST_SET // 1000}k = bounds once + {TEST_SET} images at that')
   print('rate')
   print(certification_table(results))
-  out = {
-    'benchmark': 'lmt_bench',
-    'device': info,
-    'device_description': describe(info),
-    'settings': {
-      **{k: v for k, v in vars(args).items() if k != 'out'},
-      'blas_threads_applied': threads,
-      'fail_rtol': FAIL_RTOL,
-      'warn_ratio': WARN_RATIO,
-    },
-    'total_s': time.perf_counter() - t_start,
-    'ok': True,
-    'models': results,
-  }
-  save_results(out, args.out, 'lmt_bench')
+  out = bu.record('lmt_bench', info, args, total_s=time.perf_counter() - t_start, models=results)
+  out['settings'].update(blas_threads_applied=threads, fail_rtol=FAIL_RTOL, warn_ratio=WARN_RATIO)
+  bu.save_results(out, args.out, 'lmt_bench')
   return out
 
 

@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 
-from benchmarks.bench_util import describe, device_info, format_table, save_results  # noqa: E402
+from benchmarks import bench_util as bu  # noqa: E402
 from tsuzuku_jax import data, lmt, models, train_lib  # noqa: E402
 from tsuzuku_jax.lmt import analysis  # noqa: E402
 
@@ -83,8 +83,8 @@ def largest_jacobian_norm(apply_fn, variables, images, ascent_steps: int) -> flo
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
-  info = device_info()
-  print(f'lmt_tightness on {describe(info)}', flush=True)
+  info = bu.device_info()
+  print(f'lmt_tightness on {bu.describe(info)}', flush=True)
   xtr, ytr = data.load('digits', 'train')
   xte, _ = data.load('digits', 'test')
   steps = 20 if args.smoke else args.steps
@@ -124,10 +124,10 @@ def main(argv=None) -> dict:
                  r['segments_over_found'], r['product'], r['product_over_found']])  # fmt: skip
     print(f'{name}: done in {r["seconds"]:.0f}s', flush=True)
   headers = ['model', 'exact segs', 'found', 'segments', 'seg/found', 'product', 'prod/found']
-  print(f'\nDevice: {describe(info)}; LMT-trained {steps} steps on digits')
-  print(format_table(headers, rows))
+  print(f'\nDevice: {bu.describe(info)}; LMT-trained {steps} steps on digits')
+  print(bu.format_table(headers, rows))
   out = {'benchmark': 'lmt_tightness', 'device': info, 'settings': vars(args), 'models': results}
-  save_results(out, args.out, 'lmt_tightness')
+  bu.save_results(out, args.out, 'lmt_tightness')
   return out
 
 

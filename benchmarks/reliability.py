@@ -32,7 +32,7 @@ import time
 _ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
 sys.path.insert(0, _ROOT)
 
-from benchmarks.bench_util import describe, device_info, format_table, save_results  # noqa: E402
+from benchmarks import bench_util as bu  # noqa: E402
 from tsuzuku_jax import workdir  # noqa: E402
 
 LMT = os.path.join(_ROOT, 'experiments', 'lmt.py')
@@ -368,14 +368,14 @@ def main(argv=None) -> dict:
   args = parser.parse_args(argv)
   flags = FLAGS + args.flags.split()
   root = args.root or tempfile.mkdtemp(prefix='reliability-')
-  info = device_info()
-  print(f'Device: {describe(info)}')
+  info = bu.device_info()
+  print(f'Device: {bu.describe(info)}')
   t0 = time.time()
   kr = kill_restart(flags, root, args.kills, args.seed, args.fraction)
   print(f'\nKill and restart ({kr["checks"]["kills_landed"]} kills, reference run '
         f'{kr["reference_seconds"]:.1f} s):')  # fmt: skip
   print(
-    format_table(
+    bu.format_table(
       [
         'start',
         'killed after s',
@@ -412,7 +412,7 @@ def main(argv=None) -> dict:
     'bad_inputs': [{**r, 'ok': row_ok(r)} for r in rows],
     'root': root,
   }
-  save_results(out, args.out, 'reliability')
+  bu.save_results(out, args.out, 'reliability')
   if not args.root:
     shutil.rmtree(root, ignore_errors=True)
   if not ok:

@@ -68,15 +68,7 @@ _ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
 sys.path.insert(0, _ROOT)
 
 
-from benchmarks.bench_util import (  # noqa: E402
-  describe,
-  device_info,
-  fail,
-  format_table,
-  summary,
-  timed,
-  write_json,
-)
+from benchmarks import bench_util as bu  # noqa: E402
 from tsuzuku_jax import models  # noqa: E402
 from tsuzuku_jax.vgc import compression, cost_model, variance  # noqa: E402
 
@@ -258,8 +250,8 @@ def measure_bandwidth(args: argparse.Namespace) -> dict:
   n = args.bw_elements
   scale = jax.jit(lambda x: x * 1.0001, donate_argnums=(0,) if args.donate else ())
   x = jnp.ones((n,), jnp.float32)
-  x, compile_s = timed(scale, x)
-  x, once = timed(scale, x)
+  x, compile_s = bu.timed(scale, x)
+  x, once = bu.timed(scale, x)
   k = _calls(once, 0.0 if args.smoke else args.min_repeat_s)
   times = []
   for _ in range(args.bw_repeats):
@@ -268,7 +260,7 @@ def measure_bandwidth(args: argparse.Namespace) -> dict:
       x = scale(x)
     jax.block_until_ready(x)
     times.append((time.perf_counter() - t0) / k)
-  record = {'elements': n, 'bytes_per_call': 8 * n, 'calls_per_repeat': k, **summary(times)}
+  record = {'elements': n, 'bytes_per_call': 8 * n, 'calls_per_repeat': k, **bu.summary(times)}
   record['bytes_per_s'] = 8 * n / (record['median_ms'] / 1e3)
   record['compile_s'] = compile_s
   return record
@@ -283,8 +275,8 @@ def time_compress(d: int, args: argparse.Namespace, bw: float) -> dict:
     fns[method] = jax.jit(comp.update, donate_argnums=(1,) if args.donate else ())
     # init's residual and variance share zero buffers; donation needs distinct ones.
     state = jax.tree.map(lambda a: jnp.array(a, copy=True), comp.init(g))
-    out, compile_s[method] = timed(fns[method], g, state, s)
-    out, once = timed(fns[method], g, out[1], s)
+    out, compile_s[method] = bu.timed(fns[method], g, state, s)
+    out, once = bu.timed(fns[method], g, out[1], s)
     states[method] = out[1]
     calls[method] = _calls(once, 0.0 if args.smoke else args.min_repeat_s)
   times = {m: [] for m in args.methods}
@@ -303,7 +295,7 @@ def time_compress(d: int, args: argparse.Namespace, bw: float) -> dict:
   floor_s = VGC_BYTES * d / bw
   record = {}
   for m in names:
-    t = summary(times[m])
+    t = bu.summary(times[m])
     sec = t['median_ms'] / 1e3
     own_floor_s = OWN_BYTES[m] * d / bw
     record[m] = {
@@ -384,7 +376,7 @@ def time_variance(
   }
   outs, compile_s = {}, {}
   for k, fn in fns.items():
-    outs[k], compile_s[k] = timed(fn, params, batch)
+    outs[k], compile_s[k] = bu.timed(fn, params, batch)
   grads = outs['fwd_bwd'][1]
   small = jax.tree.map(lambda a: a[: min(8, b)], batch)
   s_cheap = outs['cheap'][2] if b <= 8 else fns['cheap'](params, small)[2]
@@ -405,7 +397,7 @@ def time_variance(
     return record, False
 
   min_s = 0.0 if args.smoke else args.min_repeat_s
-  calls = _calls(timed(fns['fwd_bwd'], params, batch)[1], min_s)
+  calls = _calls(bu.timed(fns['fwd_bwd'], params, batch)[1], min_s)
   times = {k: [] for k in fns}
   names = list(fns)
   for r in range(args.var_repeats):
@@ -416,7 +408,7 @@ def time_variance(
         out = fns[k](params, batch)
       jax.block_until_ready(out)
       times[k].append((time.perf_counter() - t0) / calls)
-  res = {k: {**summary(v), 'compile_and_first_call_s': compile_s[k]} for k, v in times.items()}
+  res = {k: {**bu.summary(v), 'compile_and_first_call_s': compile_s[k]} for k, v in times.items()}
   f, a = res['forward']['median_ms'], res['fwd_bwd']['median_ms']
   backward = a - f
   record.update(res)
@@ -484,78 +476,33 @@ def _size(d: int) -> str:
 
 def correctness_table(check: dict) -> str:
   rows = [[m, r['sent'], r['max_rel_error']] for m, r in check['methods'].items()]
-  return format_table(['method', 'elements sent', 'max rel |dec + r_new - (r + g)|'], rows)
+  return bu.format_table(['method', 'elements sent', 'max rel |dec + r_new - (r + g)|'], rows)
 
 
 def compress_table(compress: dict) -> str:
   rows = []
   for d, per in compress.items():
     for m, r in per.items():
-      rows.append(
-        [
-          m,
-          _size(d),
-          f'{len(r["times_ms"])}x{r["calls_per_repeat"]}',
-          r['median_ms'],
-          r['floor_ms'],
-          r['ratio_to_floor'],
-          r['achieved_gb_s'],
-          r['ratio_to_own_floor'],
-          r['ns_per_element'],
-          r['last_stats']['sent'],
-          r['last_stats']['overflow'],
-        ]
-      )
-  headers = [
-    'method',
-    'd',
-    'reps',
-    'ms',
-    'floor ms (24B)',
-    'ms/floor',
-    'GB/s (24B)',
-    'ms/own floor',
-    'ns/elem',
-    'sent',
-    'overflow',
-  ]
-  return format_table(headers, rows)
+      rows.append([m, _size(d), f'{len(r["times_ms"])}x{r["calls_per_repeat"]}',
+        r['median_ms'], r['floor_ms'], r['ratio_to_floor'], r['achieved_gb_s'],
+        r['ratio_to_own_floor'], r['ns_per_element'], r['last_stats']['sent'],
+        r['last_stats']['overflow']])  # fmt: skip
+  headers = ['method', 'd', 'reps', 'ms', 'floor ms (24B)', 'ms/floor', 'GB/s (24B)',
+    'ms/own floor', 'ns/elem', 'sent', 'overflow']  # fmt: skip
+  return bu.format_table(headers, rows)
 
 
 def variance_table(var: dict) -> str:
   rows = []
   for name, r in var.items():
-    rows.append(
-      [
-        name,
-        r['params'],
-        r['batch_size'],
-        r['forward']['median_ms'],
-        r['fwd_bwd']['median_ms'],
-        r['backward_ms'],
-        r['cheap']['median_ms'],
-        r['cheap_extra_over_backward'],
-        r['cheap_extra_over_step'],
-        r['microbatch']['median_ms'],
-        r['microbatch_extra_over_backward'],
-        r['microbatch_extra_over_step'],
-      ]
-    )
-  headers = [
-    'model',
-    'params',
-    'batch',
-    'fwd f ms',
-    'fwd+bwd a ms',
-    'bwd a-f',
-    'cheap b ms',
-    '(b-a)/(a-f)',
-    '(b-a)/a',
-    'micro c ms',
-    '(c-a)/(a-f)',
-    '(c-a)/a',
-  ]
-  return format_table(headers, rows)
+    rows.append([name, r['params'], r['batch_size'], r['forward']['median_ms'],
+      r['fwd_bwd']['median_ms'], r['backward_ms'], r['cheap']['median_ms'],
+      r['cheap_extra_over_backward'], r['cheap_extra_over_step'],
+      r['microbatch']['median_ms'], r['microbatch_extra_over_backward'],
+      r['microbatch_extra_over_step']])  # fmt: skip
+  headers = ['model', 'params', 'batch', 'fwd f ms', 'fwd+bwd a ms', 'bwd a-f',
+    'cheap b ms', '(b-a)/(a-f)', '(b-a)/a', 'micro c ms', '(c-a)/(a-f)', '(c-a)/a']  # fmt: skip
+  return bu.format_table(headers, rows)
 
 
 def cost_table(cost: dict) -> str:
@@ -563,44 +510,27 @@ def cost_table(cost: dict) -> str:
   for r in cost['rows']:
     inputs = r['inputs']
     t_compute = 1e3 * inputs['t_compute']
-    rows.append(
-      [
-        r['name'],
-        r['params'],
-        r['byte_ratio'],
-        r['allgather_wins_bytes'],
-        f'{t_compute:.3g}' + (' ASSUMED' if r['t_compute_assumed'] else ''),
-        1e3 * inputs['t_variance'],
-        1e3 * inputs['t_compress'],
-        *[row['speedup'] for row in r['rows']],
-        r['break_even_gbit'],
-      ]
-    )
-  headers = [
-    'model',
-    'params',
-    'R bytes',
-    f'R > n/2={cost["workers"] / 2:g}',
-    't_compute ms',
-    't_var ms',
-    't_c ms',
-    *[f'x @{g} Gbit/s' for g in GBITS],
-    'B* Gbit/s',
-  ]
-  return format_table(headers, rows)
+    rows.append([r['name'], r['params'], r['byte_ratio'], r['allgather_wins_bytes'],
+      f'{t_compute:.3g}' + (' ASSUMED' if r['t_compute_assumed'] else ''),
+      1e3 * inputs['t_variance'], 1e3 * inputs['t_compress'],
+      *[row['speedup'] for row in r['rows']], r['break_even_gbit']])  # fmt: skip
+  headers = ['model', 'params', 'R bytes', f'R > n/2={cost["workers"] / 2:g}',
+    't_compute ms', 't_var ms', 't_c ms', *[f'x @{g} Gbit/s' for g in GBITS],
+    'B* Gbit/s']  # fmt: skip
+  return bu.format_table(headers, rows)
 
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
-  info = device_info()
-  print(f'vgc_bench on {describe(info)}', flush=True)
+  info = bu.device_info()
+  print(f'vgc_bench on {bu.describe(info)}', flush=True)
   t_start = time.perf_counter()
   log = lambda msg: print(f'[{time.perf_counter() - t_start:6.1f}s] {msg}', flush=True)
 
   log(f'conservation check of {", ".join(args.methods)}')
   check, ok = check_conservation(args)
   if not ok:
-    fail('Conservation', check['failures'])
+    bu.fail('Conservation', check['failures'])
 
   log(f'copy bandwidth on {_size(args.bw_elements)} float32')
   bw = measure_bandwidth(args)
@@ -615,10 +545,10 @@ def main(argv=None) -> dict:
     log(f'variance estimators on {name} {shape}')
     var[name], ok = time_variance(name, model, shape, args)
     if not ok:
-      fail('Variance-estimator', var[name]['correctness']['failures'])
+      bu.fail('Variance-estimator', var[name]['correctness']['failures'])
   cost = cost_model_rows(args, compress, var)
 
-  print(f'\nDevice: {describe(info)}; load average at start {info.get("load_average", "?")}')
+  print(f'\nDevice: {bu.describe(info)}; load average at start {info.get("load_average", "?")}')
   print('\nCorrectness (3 jitted steps, small tree): conservation and selection tests pass.')
   print(correctness_table(check))
   print(
@@ -649,21 +579,12 @@ def main(argv=None) -> dict:
     'the measured (b - a)/a and t_c measured on THIS device.'
   )
 
-  out = {
-    'benchmark': 'vgc_bench',
-    'device': info,
-    'device_description': describe(info),
-    'settings': {k: v for k, v in vars(args).items() if k != 'out'},
-    'total_s': time.perf_counter() - t_start,
-    'ok': True,
-    'correctness': check,
-    'bandwidth': bw,
-    'compress': {str(d): r for d, r in compress.items()},
-    'variance': var,
-    'cost_model': cost,
-  }
+  out = bu.record(
+    'vgc_bench', info, args, total_s=time.perf_counter() - t_start, correctness=check,
+    bandwidth=bw, compress={str(d): r for d, r in compress.items()}, variance=var, cost_model=cost,
+  )  # fmt: skip
   if args.out:
-    write_json(args.out, out)
+    bu.write_json(args.out, out)
   return out
 
 
