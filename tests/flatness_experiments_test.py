@@ -88,17 +88,18 @@ def test_launcher_defaults_are_the_config_defaults():
 
 def test_config_from_notebook_runs_the_same_experiment(tmp_path):
   # The launcher is flags -> Config -> run: the same run from Python, resumable, refusing others.
+  # TINY's settings but one seed (the programs are those of the launch below: compiled once).
   config = experiment.Config(
-    widths=(8,), depths=(1,), learning_rates=(0.1,), batch_sizes=(64,), weight_decays=(0.0,),
-    label_noises=(0.0, 0.2), seeds=(0,), max_steps=20, check_every=10, probes=2,
-    lanczos_iters=2, sharpness_samples=1, sharpness_iters=2, bound_hidden=(8,), prior_steps=10,
-    posterior_steps=5, mc_samples=5, prior_sigmas=(0.03,),
+    widths=(16,), depths=(2,), learning_rates=(0.1,), batch_sizes=(64,), weight_decays=(0.0,),
+    label_noises=(0.0, 0.2), seeds=(0,), max_steps=300, check_every=100, probes=4,
+    lanczos_iters=4, sharpness_samples=2, sharpness_iters=6, bound_hidden=(16,), prior_steps=50,
+    posterior_steps=20, mc_samples=10, prior_sigmas=(0.03,),
   )  # fmt: skip
   lines = []
   results = experiment.run(config, str(tmp_path), log=lines.append)
-  assert results['config']['widths'] == (8,) and results['zoo']['models'] == 2
-  assert sum('/2 w8_d1' in line for line in lines) == 2 and len(results['bound']['rows']) == 2
-  assert json.loads((tmp_path / 'results.json').read_text())['config']['widths'] == [8]
+  assert results['config']['widths'] == (16,) and results['zoo']['models'] == 2
+  assert sum('/2 w16_d2' in line for line in lines) == 2 and len(results['bound']['rows']) == 2
+  assert json.loads((tmp_path / 'results.json').read_text())['config']['widths'] == [16]
   assert (tmp_path / 'flatness.png').exists() and len(list(tmp_path.glob('zoo/*/model.json'))) == 2
   assert experiment.run(config, str(tmp_path), log=lines.append) is None  # complete: nothing
   with pytest.raises(ValueError, match='seeds=0; this one has seeds=0,1'):
@@ -106,7 +107,9 @@ def test_config_from_notebook_runs_the_same_experiment(tmp_path):
 
 
 def test_tiny_zoo_and_bound_then_resume(tmp_path):
-  out = run_script(SCRIPT, f'--flagfile={FLAGFILE}', f'--workdir={tmp_path}', *TINY).stdout
+  out = run_script(
+    SCRIPT, f'--flagfile={FLAGFILE}', f'--workdir={tmp_path}', *TINY, devices=8
+  ).stdout
   assert out.count('/4 w16_d2') == 4  # one progress line per model
   results = json.loads((tmp_path / 'results.json').read_text())
   assert results['experiment'] == 'flatness'
