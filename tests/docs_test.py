@@ -7,7 +7,6 @@ Shell blocks (```bash, ```sh) are not run; the launchers and benchmarks they sho
 own tests. Output and other text goes in plain ``` or ```text blocks.
 """
 
-import concurrent.futures
 import glob
 import os
 import re
@@ -70,23 +69,6 @@ def _run(code: str) -> subprocess.CompletedProcess:
       return subprocess.CompletedProcess(e.cmd, -1, '', f'timed out after {TIMEOUT_S} s')
 
 
-@pytest.fixture(scope='module')
-def started(request) -> dict:
-  """The selected blocks, all started at once, two at a time (compilation is mostly
-  single-threaded, and the blocks are independent)."""
-  selected = {
-    tuple(item.callspec.params.values())
-    for item in request.session.items
-    if getattr(item, 'originalname', None) == 'test_python_block_runs'
-  }
-  with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
-    yield {
-      (page, line): pool.submit(_run, code)
-      for page, line, code in PYTHON_BLOCKS
-      if (page, line) in selected
-    }
-
-
 def test_there_are_python_blocks_and_only_known_languages():
   assert len(PYTHON_BLOCKS) >= 4, 'every paper page has a "use it on your own model" block'
   for page, line, language, _ in ALL_BLOCKS:
@@ -94,10 +76,11 @@ def test_there_are_python_blocks_and_only_known_languages():
 
 
 @pytest.mark.parametrize(
-  'page,line', [(page, line) for page, line, _ in PYTHON_BLOCKS], ids=lambda x: str(x)
+  'page,line,code', PYTHON_BLOCKS, ids=[f'{p}-{n}' for p, n, _ in PYTHON_BLOCKS]
 )
-def test_python_block_runs(page, line, started):
-  result = started[(page, line)].result()
+def test_python_block_runs(page, line, code):
+  # One subprocess per test (xdist spreads them over the workers).
+  result = _run(code)
   assert result.returncode == 0, (
     f'the python block at {page}:{line} failed (exit {result.returncode}):\n'
     + (result.stdout[-2000:] + result.stderr[-4000:])
