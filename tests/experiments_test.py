@@ -40,7 +40,9 @@ def _run(*args, check=True):
 def finished(tmp_path_factory):
   """A finished tiny LMT run (both models), from a shell, and its stdout."""
   workdir = tmp_path_factory.mktemp('lmt') / 'run'
-  out = run_script(SCRIPT, f'--flagfile={FLAGFILE}', f'--workdir={workdir}', *TINY).stdout
+  # 8 devices, as in this process: the in-process runs below reuse its compiled programs.
+  args = f'--flagfile={FLAGFILE}', f'--workdir={workdir}', *TINY
+  out = run_script(SCRIPT, *args, devices=8).stdout
   return workdir, out
 
 
@@ -92,15 +94,19 @@ def test_config_names_the_bad_field(fields, message):
 
 def test_config_from_notebook_runs_the_same_experiment(tmp_path):
   # The launcher is flags -> Config -> run: the same run from Python, resumable, refusing others.
-  tiny = dict(steps=4, hidden=(8,), log_every=2, checkpoint_every=4, pgd_steps=2, pgd_restarts=1)
-  config = experiment.Config(**tiny, attack_examples=20, eps=(0.1,), baseline=False)
+  # The flag file's settings with TINY's (the programs of the launch above, compiled once).
+  config = experiment.Config(
+    hidden=(32,), steps=30, learning_rate=3e-3, c=1.0, c_warmup_steps=2000, clip=True,
+    eps=(0.1, 0.3), log_every=10, checkpoint_every=20, pgd_steps=5, pgd_restarts=1,
+    attack_examples=100, baseline=False,
+  )  # fmt: skip
   lines = []
   results = experiment.run(config, str(tmp_path), log=lines.append)
-  assert results['config']['steps'] == 4 and set(results) >= {'lmt', 'config', 'eps'}
+  assert results['config']['steps'] == 30 and set(results) >= {'lmt', 'config', 'eps'}
   assert 'baseline' not in results and (tmp_path / 'results.json').exists()
   assert experiment.run(config, str(tmp_path), log=lines.append) is None  # complete: nothing
-  with pytest.raises(ValueError, match='c=0.5; this one has c=1.0'):
-    experiment.run(dataclasses.replace(config, c=1.0), str(tmp_path), log=lines.append)
+  with pytest.raises(ValueError, match='c=1.0; this one has c=0.5'):
+    experiment.run(dataclasses.replace(config, c=0.5), str(tmp_path), log=lines.append)
 
 
 @pytest.mark.parametrize('name', ['lmt', 'vgc', 'fourier', 'flatness'])
