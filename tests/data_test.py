@@ -30,6 +30,20 @@ def test_digits_shapes_dtypes_range_counts():
   assert np.bincount(yte, minlength=10).min() >= 43
 
 
+def test_digits_are_scikit_learns_with_its_stratified_split():
+  # data.py reads scikit-learn's CSV and a stored split instead of importing scikit-learn.
+  from sklearn.datasets import load_digits
+  from sklearn.model_selection import train_test_split
+
+  d = load_digits()
+  tr, te = train_test_split(np.arange(1797), test_size=0.25, random_state=0, stratify=d.target)
+  for split, idx in (('train', tr), ('test', te)):
+    x, y = data.load('digits', split)
+    np.testing.assert_array_equal(x, (d.images[idx] / 16.0).astype(np.float32)[..., None])
+    np.testing.assert_array_equal(y, d.target[idx].astype(np.int32))
+    assert x.dtype == np.float32 and y.dtype == np.int32
+
+
 def test_digits_split_is_stable_and_a_partition():
   from sklearn.datasets import load_digits
 

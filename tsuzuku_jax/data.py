@@ -15,6 +15,7 @@ Every loaded split is checked (finite pixels in [0, 1], labels in [0, K)); error
 """
 
 import hashlib
+import importlib.util
 import os
 import zipfile
 from collections.abc import Iterator, Sequence
@@ -121,17 +122,15 @@ def infer_num_classes(train_labels: np.ndarray, where: str = 'training labels') 
 
 
 def _load_digits(split: str) -> tuple[np.ndarray, np.ndarray]:
-  from sklearn.datasets import load_digits
-  from sklearn.model_selection import train_test_split
-
-  digits = load_digits()
-  labels = digits.target.astype(np.int32)
-  n = len(labels)
-  train_idx, test_idx = train_test_split(
-    np.arange(n), test_size=0.25, random_state=0, stratify=labels
-  )
-  idx = train_idx if split == 'train' else test_idx
-  images = (digits.images[idx] / 16.0).astype(np.float32)[..., None]
+  # The CSV scikit-learn ships, read as its load_digits does, without importing scikit-learn
+  # (a second per process); the split is train_test_split(range(1797), test_size=0.25,
+  # random_state=0, stratify=labels), stored in digits_split.npz (tests/data_test.py checks both).
+  spec = importlib.util.find_spec('sklearn')
+  csv = os.path.join(os.path.dirname(spec.origin), 'datasets', 'data', 'digits.csv.gz')
+  table = np.loadtxt(csv, delimiter=',')
+  labels = table[:, -1].astype(np.int32)
+  idx = np.load(os.path.join(os.path.dirname(__file__), 'digits_split.npz'))[split]
+  images = (table[idx, :-1].reshape(-1, 8, 8) / 16.0).astype(np.float32)[..., None]
   return images, labels[idx]
 
 
