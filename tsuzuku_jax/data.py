@@ -362,8 +362,8 @@ def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
 def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh | None) -> dict[str, jax.Array]:
   """Puts a host batch on devices, splitting the leading (batch) axis over mesh axis `'data'`.
 
-  In a multi-host job every host passes the same global batch (as `epoch_batches` yields) and
-  each keeps its addressable shards.
+  In a multi-process job every process passes the same global batch (as `epoch_batches`
+  yields) and puts only the rows of its own devices.
 
   Args:
     batch: dict of arrays with a common leading dimension B.
@@ -389,5 +389,8 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh | None) -> dict[str, ja
         f'batch size {v.shape[0]} (key {k!r}) is not divisible by the {n_dev} devices '
         "of mesh axis 'data'"
       )
-    out[k] = jax.device_put(v, sharding)
+    if jax.process_count() > 1:  # each process fills its own devices' shards
+      out[k] = jax.make_array_from_callback(v.shape, sharding, lambda index, v=v: v[index])
+    else:
+      out[k] = jax.device_put(v, sharding)
   return out
