@@ -65,3 +65,55 @@ def test_initialize_needs_all_three_or_nothing():
   with pytest.raises(InvalidInput, match=r'process_id must be in \[0, 2\), got 2'):
     distributed.initialize('127.0.0.1:1234', 2, 2)
   assert distributed.digest({'a': 1, 'b': 2}) == distributed.digest({'b': 2, 'a': 1})
+
+
+TRAIN = """
+import json, os
+import jax, numpy as np
+from jax.flatten_util import ravel_pytree
+from tsuzuku_jax import data, distributed, models, train_lib
+
+distributed.initialize(f"127.0.0.1:{os.environ['PORT']}", int(os.environ['NUM_PROCESSES']),
+                       int(os.environ['PROCESS_ID']), heartbeat_timeout_s=20)
+x, y = data.load('digits', 'train')
+config = train_lib.TrainConfig(steps=20, batch_size=128, log_every=10, checkpoint_every=10)
+state = train_lib.train(models.MLP(10, (32,)), config, x, y, 'run', mesh=data.data_mesh())
+flat = np.asarray(ravel_pytree(jax.device_get(state.params))[0])
+np.save(f'params{jax.process_index()}.npy', flat)
+print(json.dumps({'step': int(state.step)}))
+"""
+
+
+def test_training_on_two_processes_equals_one_process_on_as_many_devices(tmp_path):
+  # The same global batches in the same order; process 0 alone writes the run's shared files.
+  import jax
+  import numpy as np
+  from jax.flatten_util import ravel_pytree
+
+  from tsuzuku_jax import data, models, train_lib
+
+  for attempt in ('first', 'again'):  # the second finds the run complete and resumes it
+    procs = run_processes(TRAIN, tmp_path, n=2, devices=4)
+    for p in procs:
+      assert p.returncode == 0, p.stderr[-3000:]
+      assert json.loads(p.stdout.strip().splitlines()[-1]) == {'step': 20}
+    shown = [[line for line in p.stdout.splitlines() if line.startswith('step ')] for p in procs]
+    assert len(shown[0]) == (2 if attempt == 'first' else 0) and shown[1] == [], shown
+  run = tmp_path / 'run'
+  steps = [json.loads(line)['step'] for line in (run / 'metrics.jsonl').read_text().splitlines()]
+  assert steps == [10, 20]
+  assert len(list((run / 'tensorboard').iterdir())) == 2  # one event file per invocation
+  assert sorted(p.name for p in (run / 'checkpoints').iterdir()) == ['10', '20']
+  p0, p1 = (np.load(tmp_path / f'params{i}.npy') for i in (0, 1))
+  np.testing.assert_array_equal(p0, p1)
+  # One process on this process's 8 devices: equal to float32 rounding (another summation
+  # order across the processes).
+  x, y = data.load('digits', 'train')
+  config = train_lib.TrainConfig(steps=20, batch_size=128, log_every=10, checkpoint_every=10)
+  state = train_lib.train(
+    models.MLP(10, (32,)), config, x, y, str(tmp_path / 'one'), mesh=data.data_mesh(),
+    log=lambda line: None,
+  )  # fmt: skip
+  assert jax.device_count() == 8
+  one = np.asarray(ravel_pytree(jax.device_get(state.params))[0])
+  np.testing.assert_allclose(p0, one, rtol=0, atol=1e-6)

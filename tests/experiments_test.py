@@ -113,11 +113,11 @@ def test_config_from_notebook_runs_the_same_experiment(tmp_path):
 def test_every_config_field_is_a_flag_with_its_comment_as_help(name):
   import importlib
 
-  import common
+  text = launch(os.path.join(ROOT, 'experiments', f'{name}.py'), '--helpshort', check=False).stdout
+  import common  # importable once a launch put experiments/ on sys.path
 
   config = importlib.import_module(f'tsuzuku_jax.{name}.experiment').Config
   helps = common.field_help(config)
-  text = launch(os.path.join(ROOT, 'experiments', f'{name}.py'), '--helpshort', check=False).stdout
   for field in dataclasses.fields(config):
     assert helps[field.name], f'{name}.Config.{field.name} has no comment to serve as its help'
     flag = f'--[no]{field.name}:' if isinstance(field.default, bool) else f'--{field.name}:'

@@ -9,11 +9,15 @@ process, a job whose processes were started with different settings, before any 
 
 import hashlib
 import json
+from collections.abc import Callable
+from typing import TypeVar
 
 import jax
 import numpy as np
 
 from tsuzuku_jax.checks import InvalidInput
+
+T = TypeVar('T')
 
 
 def initialize(
@@ -49,6 +53,31 @@ def initialize(
     coordinator_address, num_processes, process_id, heartbeat_timeout_seconds=heartbeat_timeout_s
   )
   return jax.process_count() > 1
+
+
+def is_primary() -> bool:
+  """Whether this is process 0, the one that writes a run's shared files (records, metrics,
+  TensorBoard, results) and prints its progress."""
+  return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+  """Waits until every process reaches the barrier `name` (nothing in a single process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
+
+
+def in_turn(fn: Callable[[], T], name: str) -> T:
+  """`fn()` on process 0, then on the others once it returned (e.g. process 0 writes a record
+  that the others then read and check)."""
+  if is_primary():
+    out = fn()
+    barrier(name)
+    return out
+  barrier(name)
+  return fn()
 
 
 def digest(settings: dict) -> str:

@@ -23,7 +23,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from tsuzuku_jax import progress
+from tsuzuku_jax import distributed, progress
 from tsuzuku_jax import workdir as record
 
 
@@ -159,16 +159,21 @@ def run(
     mngr = manager(workdir, schedule.max_checkpoints)
     state = restore_latest(workdir, state, schedule.max_checkpoints)
   start = int(state.step)
-  if workdir is not None:
+  primary = distributed.is_primary()  # in a multi-process job, process 0 writes and prints
+  if workdir is not None and primary:
     # Steps after the checkpoint are redone (identically): their old lines would repeat. A line
     # torn by a kill is dropped too.
     record.trim_jsonl(os.path.join(workdir, 'metrics.jsonl'), lambda r: r.get('step', 0) <= start)
+  distributed.barrier('loop.run: metrics trimmed')
   records = read_records(workdir)
+  log = log if primary else (lambda line: None)
   if start:
     log(f'resumed from {workdir}/checkpoints at step {start}')
     if until is not None and until(state):
       return state, records
-  board = progress.Scalars(None if workdir is None else os.path.join(workdir, 'tensorboard'))
+  board = progress.Scalars(
+    None if workdir is None or not primary else os.path.join(workdir, 'tensorboard')
+  )
   try:
     state = _steps(state, train_step, batches, schedule, workdir, mngr, board, records,
                    label=label, shown=shown, on_log=on_log, until=until, log=log)  # fmt: skip
@@ -186,7 +191,8 @@ def _steps(state, train_step, batches, schedule, workdir, mngr, board, records, 
   step = start = int(state.step)
   bar = progress.Progress(kw['label'], schedule.steps, start=start, every=0.0, log=kw['log'])
   window, t_last, last = [], time.time(), False
-  path = None if workdir is None else os.path.join(workdir, 'metrics.jsonl')
+  written = workdir is not None and distributed.is_primary()
+  path = os.path.join(workdir, 'metrics.jsonl') if written else None
   while step < schedule.steps and not last:
     epoch, skip = divmod(step, schedule.per_epoch)
     for i, batch in enumerate(batches(epoch)):

@@ -23,7 +23,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from tsuzuku_jax import checks, data, loop
+from tsuzuku_jax import checks, data, distributed, loop
 from tsuzuku_jax import workdir as record
 from tsuzuku_jax.loop import CheckpointMismatch, TrainingDiverged  # noqa: F401 (re-exported)
 
@@ -262,7 +262,8 @@ def train(
   checks.check_images(images, pixel_range=None)
   state, tx = create_state(model, config, images.shape[1:], loss)
   checks.check_labels_for(logits_fn(model, state), images, labels)
-  record.open_run(
+  claim = functools.partial(
+    record.open_run,
     workdir,
     'train_lib.train',
     {**dataclasses.asdict(config), **loss.config, 'model': describe_model(model)},
@@ -270,6 +271,7 @@ def train(
     neutral=('log_every', 'checkpoint_every', 'max_checkpoints'),
     how='use a new workdir',
   )
+  distributed.in_turn(claim, 'train_lib.train: run.json')  # process 0 writes, the others check
   if mesh is not None:
     state = jax.device_put(state, NamedSharding(mesh, P()))
 
