@@ -15,6 +15,7 @@ import sys
 import tempfile
 
 import pytest
+from launcher import cpu_env
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..'))
 PAGES = ['README.md', *sorted(os.path.relpath(p, ROOT) for p in glob.glob(f'{ROOT}/docs/*.md'))]
@@ -48,15 +49,11 @@ PYTHON_BLOCKS = [(page, line, code) for page, line, lang, code in ALL_BLOCKS if 
 
 
 def _run(code: str) -> subprocess.CompletedProcess:
-  env = dict(os.environ)
-  env.update(PYTHONPATH=ROOT + os.pathsep + env.get('PYTHONPATH', ''), MPLBACKEND='Agg')
-  env.setdefault('JAX_PLATFORMS', 'cpu')
   # A block that builds a mesh runs on 8 fake CPU devices, the others on one (as a user's
   # plain `python` would; XLA:CPU compiles slower when split into 8 devices).
-  flags = [f for f in env.get('XLA_FLAGS', '').split() if 'device_count' not in f]
-  if re.search(r'make_mesh|shard_map', code):
-    flags.append('--xla_force_host_platform_device_count=8')
-  env['XLA_FLAGS'] = ' '.join(flags)
+  path = ROOT + os.pathsep + os.environ.get('PYTHONPATH', '')
+  devices = 8 if re.search(r'make_mesh|shard_map', code) else 1
+  env = cpu_env(devices, PYTHONPATH=path, MPLBACKEND='Agg')
   with tempfile.TemporaryDirectory() as cwd:
     path = os.path.join(cwd, 'block.py')
     with open(path, 'w', encoding='utf-8') as f:

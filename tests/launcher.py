@@ -12,19 +12,25 @@ import subprocess
 import sys
 
 
+def cpu_env(devices: int = 1, **extra: str) -> dict[str, str]:
+  """This process's environment for a child on the CPU with `devices` fake devices (the suite's
+  other compiler flags and compilation cache kept), plus `extra`."""
+  flags = [f for f in os.environ.get('XLA_FLAGS', '').split() if 'device_count' not in f]
+  if devices > 1:
+    flags.append(f'--xla_force_host_platform_device_count={devices}')
+  return {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ' '.join(flags), **extra}
+
+
 def run_script(script: str, *args: str, check: bool = True, devices: int = 1):
   """`python script args...` with JAX on the CPU and `devices` fake devices (the suite's other
   compiler flags and compilation cache kept); the finished process.
 
   Raises AssertionError with the output when `check` and the exit status is non-zero.
   """
-  flags = [f for f in os.environ.get('XLA_FLAGS', '').split() if 'device_count' not in f]
-  if devices > 1:
-    flags.append(f'--xla_force_host_platform_device_count={devices}')
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ' '.join(flags)}
   proc = subprocess.run(
-    [sys.executable, script, *args], capture_output=True, text=True, env=env, timeout=600
-  )
+    [sys.executable, script, *args], capture_output=True, text=True, env=cpu_env(devices),
+    timeout=600,
+  )  # fmt: skip
   if check and proc.returncode:
     raise AssertionError(proc.stdout + proc.stderr)
   return proc

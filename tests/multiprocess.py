@@ -11,6 +11,8 @@ import socket
 import subprocess
 import sys
 
+from launcher import cpu_env
+
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..'))
 
 
@@ -25,10 +27,7 @@ def run_processes(code: str, tmp_path, n: int = 2, devices: int = 4, timeout: fl
   script = os.path.join(str(tmp_path), 'job.py')
   with open(script, 'w') as f:
     f.write(code)
-  flags = [f for f in os.environ.get('XLA_FLAGS', '').split() if 'device_count' not in f]
-  flags.append(f'--xla_force_host_platform_device_count={devices}')
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ' '.join(flags),
-         'PORT': str(free_port()), 'NUM_PROCESSES': str(n), 'PYTHONPATH': ROOT}  # fmt: skip
+  env = cpu_env(devices, PORT=str(free_port()), NUM_PROCESSES=str(n), PYTHONPATH=ROOT)
   procs = [
     subprocess.Popen(
       [sys.executable, script],
