@@ -12,6 +12,11 @@ A launcher is its experiment's Config as flags:
   line, or the comment lines right above it); `Config.CHOICES` makes a field an enum flag.
 - `--workdir` (where the run lives; see `tsuzuku_jax.workdir`) and `--overwrite` are every
   launcher's. A later invocation resumes only the same flags and data.
+- Multi-process (pod) jobs: the same command on every host, with `--coordinator_address`,
+  `--num_processes` and `--process_id` (or a scheduler JAX detects: SLURM, Open MPI, Cloud TPU;
+  `--distributed=on` for a GCE TPU VM slice), `--heartbeat_timeout_s` (see
+  `tsuzuku_jax.distributed`). The processes' flags must agree (refused otherwise); process 0
+  prints the progress and writes the shared files; the workdir must be one shared folder.
 - A bad flag value, a bad dataset file, a workdir that holds another run, a diverged run: one
   line `error: ...` on stderr and exit status 2, with nothing on disk changed; the full flag
   help only for `--help`, and a traceback only for a genuine internal error.
@@ -33,7 +38,7 @@ from absl import app, flags, logging
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 
-from tsuzuku_jax import checks, data, train_lib, workdir  # noqa: E402
+from tsuzuku_jax import checks, data, distributed, train_lib, workdir  # noqa: E402
 
 WORKDIR = flags.DEFINE_string('workdir', None, 'Output directory (the run record, results).')
 OVERWRITE = flags.DEFINE_bool(
@@ -42,6 +47,23 @@ OVERWRITE = flags.DEFINE_bool(
   'Start afresh in --workdir, moving any previous run there aside to WORKDIR.old-TIME (never '
   'deleted).',
 )
+COORDINATOR = flags.DEFINE_string(
+  'coordinator_address', None, "Multi-process job: process 0's host:port (every process)."
+)
+NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Multi-process job: processes.')
+PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Multi-process job: this process, 0-based.')
+DISTRIBUTED = flags.DEFINE_enum(
+  'distributed', 'auto', ['auto', 'on', 'off'],
+  'Join a multi-process job: auto (when the three flags above are given or a multi-host '
+  'scheduler is detected: SLURM, Open MPI, Cloud TPU on GKE), on (JAX detects the job, e.g. a '
+  'GCE TPU VM pod slice), off.',
+)  # fmt: skip
+HEARTBEAT = flags.DEFINE_integer(
+  'heartbeat_timeout_s', 60,
+  'Multi-process job: a process silent this long ends the job on the others (one error line).',
+)  # fmt: skip
+_JOB_FLAGS = ('workdir', 'overwrite', 'coordinator_address', 'num_processes', 'process_id',
+              'distributed', 'heartbeat_timeout_s')  # fmt: skip
 
 # Errors the user can fix: reported as one line, without a traceback.
 USER_ERRORS = (
@@ -71,9 +93,15 @@ def run(main) -> None:
 
   def checked(argv):
     try:
-      return main(argv)
+      out = main(argv)
     except USER_ERRORS as e:
+      distributed.abandon()  # the other processes stop within their timeout, not wait
       fail(e)
+    except BaseException:
+      distributed.abandon()
+      raise
+    distributed.finish()
+    return out
 
   app.run(checked, flags_parser=_parse_flags)
 
@@ -137,7 +165,7 @@ def define_flags(cls, module: str) -> None:
   launcher `module` (absl's module name: its --helpshort lists them)."""
   hints, helps = typing.get_type_hints(cls), field_help(cls)
   choices = getattr(cls, 'CHOICES', {})
-  for name in ('workdir', 'overwrite'):  # listed in the launcher's --helpshort too
+  for name in _JOB_FLAGS:  # listed in the launcher's --helpshort too
     flags.FLAGS.register_key_flag_for_module(module, flags.FLAGS[name])
   for f in dataclasses.fields(cls):
     hint, default, text = hints[f.name], f.default, helps.get(f.name) or f.name
@@ -203,16 +231,36 @@ def config_from_flags(cls):
     raise app.UsageError(f'--{e}') from None
 
 
-def main(experiment, setup: Callable[[], None] = lambda: None) -> Callable:
+def join_job() -> None:
+  """Joins the multi-process job the flags describe (nothing for a single process).
+
+  Raises:
+    app.UsageError: only some of --coordinator_address, --num_processes, --process_id, a
+      process id out of range, or a heartbeat timeout below 1 s.
+  """
+  mode = {'auto': None, 'on': True, 'off': False}[DISTRIBUTED.value]
+  given = (COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value)
+  if mode is False and any(v is not None for v in given):
+    raise app.UsageError('--distributed=off but --coordinator_address/--num_processes/'
+                         '--process_id given')  # fmt: skip
+  try:
+    distributed.initialize(*given, auto=mode, heartbeat_timeout_s=HEARTBEAT.value)
+  except checks.InvalidInput as e:
+    raise app.UsageError(f'--{e}') from None
+
+
+def main(experiment) -> Callable:
   """Defines the calling launcher's flags from `experiment.Config` (`define_flags`) and returns
-  its main: flags -> Config -> `setup()` -> `experiment.run(config, --workdir)`."""
+  its main: flags -> Config -> joining the job -> `experiment.run(config, --workdir)`, whose
+  progress process 0 prints."""
   define_flags(experiment.Config, _caller_module())
 
   def launch(argv):
     del argv
     config = config_from_flags(experiment.Config)
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
-    setup()
-    experiment.run(config, WORKDIR.value, overwrite=OVERWRITE.value, cli=True)
+    join_job()
+    log = workdir.print_flushed if distributed.is_primary() else (lambda line: None)
+    experiment.run(config, WORKDIR.value, overwrite=OVERWRITE.value, cli=True, log=log)
 
   return launch

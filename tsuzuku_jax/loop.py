@@ -11,6 +11,13 @@ resumes from the last checkpoint: metrics lines past it are dropped (those steps
 identically when the data order depends only on (seed, epoch)) and the records before it are
 returned with the new ones, so a result built from the records is the same as an
 uninterrupted run's. Without a workdir nothing is written and nothing resumes (notebooks).
+
+In a multi-process job a state on devices of several processes makes a shared run: every
+process steps and saves its part of each checkpoint, process 0 alone writes metrics.jsonl and
+TensorBoard and prints. A state on this process's devices only makes a process-local run (e.g.
+one model of a zoo whose models are shared out among the processes): it writes its metrics
+itself, waits for no other process, and keeps no checkpoint (orbax saves host-local arrays
+only on process 0), so an interrupted one restarts from its first step.
 """
 
 import dataclasses
@@ -44,6 +51,11 @@ class Schedule:
   log_every: int = 100
   checkpoint_every: int = 1000
   max_checkpoints: int = 2
+
+
+def is_shared(state) -> bool:
+  """Whether `state` lives on devices of more than this process (a multi-process run)."""
+  return not all(getattr(a, 'is_fully_addressable', True) for a in jax.tree.leaves(state))
 
 
 def manager(workdir: str, max_checkpoints: int = 2):
@@ -154,17 +166,20 @@ def run(
     TrainingDiverged: a NaN/Inf metric; the last checkpoint saved is the last good one.
     CheckpointMismatch: the workdir's checkpoint holds another model or optimiser.
   """
-  mngr = None
-  if workdir is not None:
+  mngr, shared = None, is_shared(state)
+  # orbax saves a process-local state only on process 0 of a multi-process job: such a run
+  # keeps no checkpoint (it restarts from its beginning).
+  if workdir is not None and (shared or jax.process_count() == 1):
     mngr = manager(workdir, schedule.max_checkpoints)
     state = restore_latest(workdir, state, schedule.max_checkpoints)
   start = int(state.step)
-  primary = distributed.is_primary()  # in a multi-process job, process 0 writes and prints
+  primary = distributed.is_primary() or not shared  # who writes the shared files and prints
   if workdir is not None and primary:
     # Steps after the checkpoint are redone (identically): their old lines would repeat. A line
     # torn by a kill is dropped too.
     record.trim_jsonl(os.path.join(workdir, 'metrics.jsonl'), lambda r: r.get('step', 0) <= start)
-  distributed.barrier('loop.run: metrics trimmed')
+  if shared:
+    distributed.barrier('loop.run: metrics trimmed')
   records = read_records(workdir)
   log = log if primary else (lambda line: None)
   if start:
@@ -176,7 +191,8 @@ def run(
   )
   try:
     state = _steps(state, train_step, batches, schedule, workdir, mngr, board, records,
-                   label=label, shown=shown, on_log=on_log, until=until, log=log)  # fmt: skip
+                   label=label, shown=shown, on_log=on_log, until=until, log=log,
+                   written=workdir is not None and primary)  # fmt: skip
   finally:
     board.close()
     if mngr is not None:  # commit any checkpoint still being written, also when interrupted
@@ -191,8 +207,7 @@ def _steps(state, train_step, batches, schedule, workdir, mngr, board, records, 
   step = start = int(state.step)
   bar = progress.Progress(kw['label'], schedule.steps, start=start, every=0.0, log=kw['log'])
   window, t_last, last = [], time.time(), False
-  written = workdir is not None and distributed.is_primary()
-  path = os.path.join(workdir, 'metrics.jsonl') if written else None
+  path = os.path.join(workdir, 'metrics.jsonl') if kw['written'] else None
   while step < schedule.steps and not last:
     epoch, skip = divmod(step, schedule.per_epoch)
     for i, batch in enumerate(batches(epoch)):

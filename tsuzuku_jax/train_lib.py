@@ -271,9 +271,12 @@ def train(
     neutral=('log_every', 'checkpoint_every', 'max_checkpoints'),
     how='use a new workdir',
   )
-  distributed.in_turn(claim, 'train_lib.train: run.json')  # process 0 writes, the others check
   if mesh is not None:
     state = jax.device_put(state, NamedSharding(mesh, P()))
+  if loop.is_shared(state):
+    distributed.in_turn(claim, 'train_lib.train: run.json')  # process 0 writes, others check
+  else:  # this process's own run (a mesh of its devices, or none)
+    claim()
 
   def batches(epoch):
     for b in data.epoch_batches(images, labels, config.batch_size, seed=config.seed, epoch=epoch):

@@ -275,14 +275,26 @@ def claim_experiment(
   `path` already holds this run complete (its results.json exists: nothing to do).
 
   `cli`: name settings and the workdir as flags ('--c', '--workdir', '--overwrite') in messages.
+
+  In a multi-process job every process calls it: the processes' settings and data must agree
+  (`distributed.check_same`), then process 0 claims the workdir (moving an old run aside) and
+  the others check the record it wrote.
   """
-  record = open_run(
-    path, experiment, config, data, neutral=neutral, overwrite=overwrite,
-    prefix='--' if cli else '',
+  from tsuzuku_jax import distributed  # jax: only when an experiment runs
+
+  distributed.check_same(
+    normalize({'experiment': experiment, 'config': dict(config), 'data': dict(data),
+               'path': os.path.abspath(path), 'overwrite': overwrite}),
+    'flags' if cli else 'settings',
+  )  # fmt: skip
+  claim = lambda: open_run(  # noqa: E731
+    path, experiment, config, data, neutral=neutral,
+    overwrite=overwrite and distributed.is_primary(), prefix='--' if cli else '',
     how=('use a new --workdir, or add --overwrite to move the old run aside' if cli else
          'use a new workdir, or overwrite=True to move the old run aside'),
     name='--workdir' if cli else 'workdir',
   )  # fmt: skip
+  record = distributed.in_turn(claim, f'claim {experiment} workdir')
   if record.moved_to:
     log(f'moved the previous run in {path} to {record.moved_to}')
   results_path = os.path.join(path, 'results.json')

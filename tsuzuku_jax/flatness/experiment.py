@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from tsuzuku_jax import data, models, train_lib, workdir
+from tsuzuku_jax import data, distributed, models, train_lib, workdir
 from tsuzuku_jax.flatness import measures, pac_bayes, posterior, zoo
 
 # Settings that cannot change a result (recorded, but a resume may change them).
@@ -143,9 +143,14 @@ def bound(
     checkpoint_every=config.prior_steps,
   )  # fmt: skip
   init = train_lib.create_state(model, train_config, xtr.shape[1:])[0].params
+  # The prior is trained data-parallel over every device (of every process in a multi-process
+  # job); the posteriors are then fitted and certified alike on every process (0 writes).
+  mesh = data.data_mesh() if jax.device_count() > 1 else None
   prior = train_lib.train(
-    model, train_config, xtr[prior_idx], ytr[prior_idx], os.path.join(path, 'prior'), log=log
-  ).params
+    model, train_config, xtr[prior_idx], ytr[prior_idx], os.path.join(path, 'prior'),
+    mesh=mesh, log=log,
+  )  # fmt: skip
+  prior = jax.device_get(prior.params)
   bound_data = jnp.asarray(xtr[bound_idx]), jnp.asarray(ytr[bound_idx])
   test_data = jnp.asarray(xte), jnp.asarray(yte)
   sigmas = [float(s) for s in config.prior_sigmas]
@@ -203,10 +208,11 @@ def run(
   results = {'dataset': config.dataset, 'config': dataclasses.asdict(config)}
   if config.zoo:
     summary, plot = zoo.analyse(zoo.train_zoo(config, train, test, path, log))
-    plotting.plot_measure_scatter(
-      plot['panels'], os.path.join(path, 'flatness.png'), colors=plot['colors'],
-      color_label='label noise', title=f'{config.dataset}: {plot["models"]} models',
-    )  # fmt: skip
+    if distributed.is_primary():  # one writer of the shared files in a multi-process job
+      plotting.plot_measure_scatter(
+        plot['panels'], os.path.join(path, 'flatness.png'), colors=plot['colors'],
+        color_label='label noise', title=f'{config.dataset}: {plot["models"]} models',
+      )  # fmt: skip
     results['zoo'] = summary
     log(f'zoo: {summary["converged"]}/{summary["models"]} converged')
     for m in (*measures.RAW_MEASURES, *measures.NORMALIZED_MEASURES):
@@ -214,6 +220,7 @@ def run(
       log(f'  {m:24s} tau {t["tau"]:+.3f} psi {t["granulated"]["psi"]:+.3f}')
   if config.bound:
     results['bound'] = bound(config, train, test, path, log)
-  workdir.write_json(results_path, {'experiment': 'flatness', **results})
+  if distributed.is_primary():
+    workdir.write_json(results_path, {'experiment': 'flatness', **results})
   log(f'wrote {results_path}')
   return results

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from tsuzuku_jax import models, progress, train_lib, workdir
+from tsuzuku_jax import distributed, models, progress, train_lib, workdir
 from tsuzuku_jax.flatness import measures, rank_correlation
 from tsuzuku_jax.flatness.rescaling import rescale_neurons
 
@@ -94,32 +94,43 @@ def train_model(config, hp, seed, train, test, measure_fns, path) -> dict:
 
 def train_zoo(config, train, test, path: str, log: Callable[[str], None]) -> list[dict]:
   """Every zoo model's record, trained and measured in PATH/zoo/NAME; a finished model's
-  model.json is read back, never recomputed (an interrupted run resumes where it stopped)."""
+  model.json is read back, never recomputed (an interrupted run resumes where it stopped).
+
+  In a multi-process job the models are shared out (process p trains models p, p + P, ...,
+  each on its own devices) and every process then reads all records: the workdir must be one
+  folder that every process sees.
+  """
+  import jax
+
   seeds = [int(s) for s in config.seeds]
   points = rank_correlation.grid(**grid(config))
   names = [(seed, hp, model_name(hp, seed)) for seed in seeds for hp in points]
   done = [os.path.join(path, 'zoo', name, 'model.json') for _, _, name in names]
-  before = sum(os.path.exists(d) for d in done)
+  mine = list(range(jax.process_index(), len(names), jax.process_count()))
+  before = sum(os.path.exists(done[i]) for i in mine)
   # ETA from the models trained in this invocation, the first one (compilation) left out.
-  bar = progress.Progress('zoo', len(names), unit='models', start=before, every=0.0, log=log)
-  rows, measure_fns, count = [], {}, before
-  for (seed, hp, name), record in zip(names, done, strict=True):
+  bar = progress.Progress('zoo', len(mine), unit='models', start=before, every=0.0, log=log)
+  measure_fns, count = {}, before
+  for i in mine:
+    (seed, hp, name), record = names[i], done[i]
     if os.path.exists(record):
-      with open(record) as f:
-        rows.append(json.load(f))
       continue
     try:
       rec = train_model(config, hp, seed, train, test, measure_fns, os.path.dirname(record))
     except train_lib.TrainingDiverged as e:
       rec = {**hp, 'seed': seed, 'diverged': str(e)}
     workdir.write_json(record, rec)
-    rows.append(rec)
     count += 1
     bar.update(
       count,
       f' {name}: steps {rec.get("steps")} loss '
       f'{rec.get("train_loss", float("nan")):.4f} gap {rec.get("gap", float("nan")):.3f}',
     )
+  distributed.barrier('flatness zoo: every model trained')
+  rows = []
+  for record in done:
+    with open(record) as f:
+      rows.append(json.load(f))
   return rows
 
 

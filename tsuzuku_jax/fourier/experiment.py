@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tsuzuku_jax import attacks, checks, data, fourier, models, train_lib, workdir
+from tsuzuku_jax import attacks, checks, data, distributed, fourier, models, train_lib, workdir
 
 SEARCHES = ('exhaustive', 'halving')
 # Settings that cannot change a result (recorded, but a resume may change them).
@@ -225,8 +225,10 @@ def run(
                               overwrite=overwrite, cli=cli, log=log):  # fmt: skip
     return None
   model = models.CNN(data.num_classes(ytr), tuple(config.channels), config.dense, batch_norm=False)
+  # Data-parallel over every device (of every process in a multi-process job).
+  mesh = data.data_mesh() if jax.device_count() > 1 else None
   state = train_lib.train(
-    model, config.train_config(), xtr, ytr, os.path.join(path, 'model'), log=log
+    model, config.train_config(), xtr, ytr, os.path.join(path, 'model'), mesh=mesh, log=log
   )
   logits_fn = jax.jit(train_lib.logits_fn(model, jax.device_get(state)))
   query = jax.jit(lambda x: jnp.argmax(logits_fn(x), -1))
@@ -265,11 +267,12 @@ def run(
     log(_summary(name, row))
     maps[f'Fourier, L2 {eps:.3g}'] = four
     maps[f'white-box, L2 {eps:.3g}'] = uap
-  plotting.plot_fourier_maps(
-    maps, os.path.join(path, 'fourier.png'), title=config.dataset,
-    colorbar_label='error rate (fraction of images misclassified)',
-  )  # fmt: skip
   results_path = os.path.join(path, 'results.json')
-  workdir.write_json(results_path, {'experiment': 'fourier', **results})
+  if distributed.is_primary():  # one writer of the shared files in a multi-process job
+    plotting.plot_fourier_maps(
+      maps, os.path.join(path, 'fourier.png'), title=config.dataset,
+      colorbar_label='error rate (fraction of images misclassified)',
+    )  # fmt: skip
+    workdir.write_json(results_path, {'experiment': 'fourier', **results})
   log(f'wrote {results_path}')
   return results

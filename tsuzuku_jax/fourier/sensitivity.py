@@ -71,6 +71,19 @@ def _heat_chunk(logits_fn, imgs, labs, valid, freqs, eps, key, ci, *, chunk, bat
   return wrong, loss
 
 
+def _gather_chunks(parts, n_chunks: int):
+  """Every process's chunks (process p holds chunks p, p + P, ...), in chunk order."""
+  from jax.experimental import multihost_utils
+
+  procs, per = jax.process_count(), -(-n_chunks // jax.process_count())
+  pad = lambda a: np.concatenate([a, np.zeros((per - len(a), *a.shape[1:]), a.dtype)])  # noqa: E731
+  every = multihost_utils.process_allgather(tuple(pad(np.asarray(a)) for a in parts))
+  # every[i][p, j] is chunk j * P + p
+  return tuple(
+    jnp.asarray(np.swapaxes(a, 0, 1).reshape(per * procs, *a.shape[2:])[:n_chunks]) for a in every
+  )
+
+
 def _heat_map(logits_fn, images, labels, eps, key, *, chunk, batch, mode, clip):
   """Every direction chunk through one compiled `_heat_chunk`, with progress lines."""
   n, h, w, c = images.shape
@@ -84,16 +97,23 @@ def _heat_map(logits_fn, images, labels, eps, key, *, chunk, batch, mode, clip):
   imgs = imgs.reshape(n_batches, batch, h, w, c)
   labs = jnp.concatenate([labels, jnp.zeros((pad,), labels.dtype)]).reshape(n_batches, batch)
   valid = (jnp.arange(n_batches * batch) < n).reshape(n_batches, batch)
-  bar = progress.Progress(f'heat map ({n} images)', n_chunks, unit='direction chunks')
+  # In a multi-process job process p computes chunks p, p + P, ... and all gather them.
+  me, procs = jax.process_index(), jax.process_count()
+  mine = range(me, n_chunks, procs)
+  quiet = (lambda line: None) if me else progress.print_flushed
+  bar = progress.Progress(f'heat map ({n} images)', len(mine), unit='direction chunks', log=quiet)
   outs = []
-  for ci in range(n_chunks):
+  for j, ci in enumerate(mine):
     outs.append(_heat_chunk(logits_fn, imgs, labs, valid, freqs, eps, key, jnp.int32(ci),
                             chunk=chunk, batch=batch, mode=mode, clip=clip, n=n))  # fmt: skip
     jax.block_until_ready(outs[-1])
-    bar.update(ci + 1)
-  wrong = jnp.stack([o[0] for o in outs])  # (n_chunks, C', chunk)
-  loss = jnp.stack([o[1] for o in outs])
+    bar.update(j + 1)
   channels = c if mode == 'per_channel' else 1
+  none = jnp.zeros((0, channels, chunk), jnp.float32)  # a process with no chunk of its own
+  wrong = jnp.stack([o[0] for o in outs]) if outs else none  # (own chunks, C', chunk)
+  loss = jnp.stack([o[1] for o in outs]) if outs else none
+  if procs > 1:
+    wrong, loss = _gather_chunks((wrong, loss), n_chunks)
   err = jnp.moveaxis(wrong, 1, 0).reshape(channels, -1)[:, :k] / n
   los = jnp.moveaxis(loss, 1, 0).reshape(channels, -1)[:, :k] / n
   return err.reshape(-1, h, w), los.reshape(-1, h, w)
@@ -117,7 +137,9 @@ def heat_map(
   call over the images in batches of `batch` (scan), so memory is bounded by chunk * batch
   images; a progress line with an ETA is printed every 10 s of a long map.
   Every image counts: the last batch is padded and the padding masked out, so the result is
-  the average over all N images whatever `batch` is.
+  the average over all N images whatever `batch` is. In a multi-process job every process calls
+  it with the same arguments: each computes its share of the directions (on its own device)
+  and every process returns the whole map.
 
   Args:
     logits_fn: a pure function images (B, H, W, C) -> logits (B, K), treating examples

@@ -16,7 +16,7 @@ from typing import ClassVar
 import jax
 import numpy as np
 
-from tsuzuku_jax import data, models, train_lib, workdir
+from tsuzuku_jax import data, distributed, models, train_lib, workdir
 from tsuzuku_jax.lmt.analysis import certificate
 from tsuzuku_jax.lmt.margins import FORMS, VARIANTS, training_loss
 from tsuzuku_jax.lmt.radii import robustness_report, segment_report
@@ -198,8 +198,9 @@ def run(
       + ' '.join(f'{k}:{v:.4f}' for k, v in cert.items())
       + f' violations {report["violations"]}'
     )
-  plotting.plot_certified_accuracy(curves, os.path.join(path, 'certified_accuracy.png'),
-                                   title=config.dataset, marks=marks)  # fmt: skip
-  workdir.write_json(results_path, {'experiment': 'lmt', **results})
+  if distributed.is_primary():  # one writer of the shared files in a multi-process job
+    plotting.plot_certified_accuracy(curves, os.path.join(path, 'certified_accuracy.png'),
+                                     title=config.dataset, marks=marks)  # fmt: skip
+    workdir.write_json(results_path, {'experiment': 'lmt', **results})
   log(f'wrote {results_path}')
   return results

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tsuzuku_jax import checks, data, models, train_lib, workdir
+from tsuzuku_jax import checks, data, distributed, models, train_lib, workdir
 from tsuzuku_jax.vgc import compression, cost_model, variance
 from tsuzuku_jax.vgc import data_parallel as dp
 
@@ -137,8 +137,9 @@ def _one_run(config, method, seed, workers, model, train, test, path, log) -> di
     local['label'] = train[1][: dpc.batch_size // workers]
     times = cost_model.measure_worker_times(loss_fn, params, local, dpc)
     record = {'config': dpc.__dict__, 'history': hist, 'times': times}
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  workdir.write_json(path, record)
+  if distributed.is_primary():  # one writer of the shared files in a multi-process job
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    workdir.write_json(path, record)
   return record
 
 
@@ -154,12 +155,18 @@ def run(
   when `path` already holds this run complete).
 
   Raises:
-    InvalidInput: `workers` does not match the devices without `simulate`, or `batch_size`
-      does not split over the workers. WorkdirMismatch: `path` holds another run.
+    InvalidInput: `workers` does not match the devices without `simulate`, `simulate` in a
+      multi-process job, or `batch_size` does not split over the workers.
+    WorkdirMismatch: `path` holds another run.
   """
   from tsuzuku_jax import plotting  # matplotlib: only when an experiment runs
 
   pre = '--' if cli else ''
+  if config.simulate and jax.process_count() > 1:
+    raise checks.InvalidInput(
+      f'{pre}simulate runs every worker on one device of each process; in a job of '
+      f'{jax.process_count()} processes use {pre}nosimulate and {pre}workers=0 (one per device)'
+    )
   workers = config.workers or jax.device_count()
   if not config.simulate and workers != jax.device_count():
     raise checks.InvalidInput(
@@ -201,10 +208,11 @@ def run(
       f'bytes ratio {s["ratio_ideal"]:.1f}x (static {s["ratio_static"]:.1f}x) '
       f'elements {s["ratio_elements"]:.1f}x overflow {s["overflow_total"]:.0f}'
     )
-  plotting.plot_accuracy_vs_compression(
-    curves, points, os.path.join(path, 'accuracy_vs_compression.png'), title=config.dataset
-  )
-  workdir.write_json(results_path, {'experiment': 'vgc', **results})
+  if distributed.is_primary():
+    plotting.plot_accuracy_vs_compression(
+      curves, points, os.path.join(path, 'accuracy_vs_compression.png'), title=config.dataset
+    )
+    workdir.write_json(results_path, {'experiment': 'vgc', **results})
   log(f'wrote {results_path}')
   return results
 
