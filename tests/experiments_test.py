@@ -1,9 +1,10 @@
 """The LMT launcher: flag validation before any work, a tiny end-to-end run, and the workdir as
 a record (refusing other runs with one line, nothing on disk touched; --overwrite; resume).
 
-The end-to-end run, --helpshort and one bad flag run the launcher as a user would, in a
-subprocess; the other launches run it in this process (`launcher.launch`: the same parsing,
-checks and one-line errors, without seconds of imports each)."""
+The end-to-end run is a job of 2 processes x 4 CPU devices, as on a pod, checked against the
+same run from Python in this process (8 devices); --helpshort and one bad flag run the launcher
+in a subprocess; the other launches run it in this process (`launcher.launch`: the same
+parsing, checks and one-line errors, without seconds of imports each)."""
 
 import dataclasses
 import json
@@ -13,6 +14,7 @@ import re
 import numpy as np
 import pytest
 from launcher import assert_one_line_error, launch, run_script, tree_hashes
+from multiprocess import run_launcher
 
 from tsuzuku_jax.lmt import experiment
 
@@ -38,12 +40,13 @@ def _run(*args, check=True):
 
 @pytest.fixture(scope='module')
 def finished(tmp_path_factory):
-  """A finished tiny LMT run (both models), from a shell, and its stdout."""
+  """A finished tiny LMT run (both models) by a job of 2 processes x 4 devices, and process 0's
+  stdout."""
   workdir = tmp_path_factory.mktemp('lmt') / 'run'
-  # 8 devices, as in this process: the in-process runs below reuse its compiled programs.
   args = f'--flagfile={FLAGFILE}', f'--workdir={workdir}', *TINY
-  out = run_script(SCRIPT, *args, devices=8).stdout
-  return workdir, out
+  procs = run_launcher(SCRIPT, *args, cwd=workdir.parent)
+  assert 'step ' not in procs[1].stdout  # process 0 alone prints the progress
+  return workdir, procs[0].stdout
 
 
 def test_a_bad_flag_from_a_shell_gives_one_line(tmp_path):
@@ -64,6 +67,13 @@ def test_a_bad_flag_from_a_shell_gives_one_line(tmp_path):
     ('--steps=abc', "flag --steps=abc: invalid literal for int() with base 10: 'abc'"),
     ('--model=resnet', 'flag --model=resnet: value should be one of <mlp|cnn|wrn|liresnet>'),
     ('--stepz=3', "Unknown command line flag 'stepz'"),
+    ('--num_processes=2', '--coordinator_address, process_id missing: pass all three of'),
+    (
+      '--coordinator_address=h:1 --num_processes=2 --process_id=2',
+      '--process_id must be in [0, 2), got 2',
+    ),
+    ('--heartbeat_timeout_s=0 --distributed=on', '--heartbeat_timeout_s must be >= 1 second'),
+    ('--distributed=off --process_id=0', '--distributed=off but --coordinator_address'),
   ],
 )
 def test_bad_flag_gives_one_clear_line(tmp_path, flag, message):
@@ -92,9 +102,9 @@ def test_config_names_the_bad_field(fields, message):
     experiment.Config(**fields)
 
 
-def test_config_from_notebook_runs_the_same_experiment(tmp_path):
+def test_config_from_notebook_runs_the_same_experiment(tmp_path, finished):
   # The launcher is flags -> Config -> run: the same run from Python, resumable, refusing others.
-  # The flag file's settings with TINY's (the programs of the launch above, compiled once).
+  # The flag file's settings with TINY's: the LMT model of the 2-process job, in one process.
   config = experiment.Config(
     hidden=(32,), steps=30, learning_rate=3e-3, c=1.0, c_warmup_steps=2000, clip=True,
     eps=(0.1, 0.3), log_every=10, checkpoint_every=20, pgd_steps=5, pgd_restarts=1,
@@ -104,9 +114,33 @@ def test_config_from_notebook_runs_the_same_experiment(tmp_path):
   results = experiment.run(config, str(tmp_path), log=lines.append)
   assert results['config']['steps'] == 30 and set(results) >= {'lmt', 'config', 'eps'}
   assert 'baseline' not in results and (tmp_path / 'results.json').exists()
+  # One process on 8 devices vs 2 x 4: the same parameters to float32 rounding (another order
+  # of the gradient sums), the same certificates.
+  job = json.loads((finished[0] / 'results.json').read_text())['lmt']
+  for key in ('clean_accuracy', 'certified_accuracy', 'violations', 'pgd_robust_accuracy'):
+    assert results['lmt'][key] == job[key], key
+  assert results['lmt']['lipschitz'] == pytest.approx(job['lipschitz'], rel=1e-5)
+  import orbax.checkpoint as ocp
+
+  like = ocp.StandardCheckpointer().metadata(tmp_path / 'lmt' / 'checkpoints' / '30' / 'default')
+  like = like.item_metadata if hasattr(like, 'item_metadata') else like
+  one, two = (_checkpoint_params(path / 'lmt', like) for path in (tmp_path, finished[0]))
+  np.testing.assert_allclose(one, two, rtol=0, atol=1e-5)
   assert experiment.run(config, str(tmp_path), log=lines.append) is None  # complete: nothing
   with pytest.raises(ValueError, match='c=1.0; this one has c=0.5'):
     experiment.run(dataclasses.replace(config, c=0.5), str(tmp_path), log=lines.append)
+
+
+def _checkpoint_params(run, like) -> np.ndarray:
+  """The parameters of the latest checkpoint in `run` (orbax, read as numpy arrays shaped as
+  the pytree `like`'s), flattened."""
+  import jax
+  import orbax.checkpoint as ocp
+
+  step = max(int(p) for p in os.listdir(run / 'checkpoints'))
+  target = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), like)
+  restored = ocp.StandardCheckpointer().restore(run / 'checkpoints' / str(step) / 'default', target)
+  return np.concatenate([np.ravel(a) for a in jax.tree.leaves(restored['params'])])
 
 
 @pytest.mark.parametrize('name', ['lmt', 'vgc', 'fourier', 'flatness'])

@@ -1,16 +1,18 @@
 """The flatness experiment: flag validation before any work (the launcher) and the Config's own
 checks, a tiny zoo end to end from flags, resume, and the same run from Python.
 
-The tiny zoo's first run is a subprocess, as a user would run it (the shell's one-line error:
-experiments_test.py); the other launches run in this process (`launcher.launch`)."""
+The tiny zoo's first run is a job of 2 processes x 4 devices, as on a pod (each trains half of
+the zoo), resumed by a launch in this process (`launcher.launch`, as the other launches)."""
 
 import dataclasses
 import json
 import os
 import re
+import shutil
 
 import pytest
-from launcher import assert_one_line_error, launch, run_script, tree_hashes
+from launcher import assert_one_line_error, launch, tree_hashes
+from multiprocess import run_launcher
 
 from tsuzuku_jax.flatness import experiment
 
@@ -101,10 +103,11 @@ def test_config_from_notebook_runs_the_same_experiment(tmp_path):
 
 
 def test_tiny_zoo_and_bound_then_resume(tmp_path):
-  out = run_script(
-    SCRIPT, f'--flagfile={FLAGFILE}', f'--workdir={tmp_path}', *TINY, devices=8
-  ).stdout
-  assert out.count('/4 w16_d2') == 4  # one progress line per model
+  # A job of 2 processes x 4 devices: each trains and measures half of the zoo.
+  procs = run_launcher(SCRIPT, f'--flagfile={FLAGFILE}', f'--workdir={tmp_path}', *TINY,
+                       cwd=tmp_path)  # fmt: skip
+  out = procs[0].stdout
+  assert out.count('/2 w16_d2') == 2 and procs[1].stdout.count('/2 w16_d2') == 0  # process 0's
   results = json.loads((tmp_path / 'results.json').read_text())
   assert results['experiment'] == 'flatness'
   assert results['config']['widths'] == [16] and results['config']['label_noises'] == [0, 0.2]
@@ -124,14 +127,26 @@ def test_tiny_zoo_and_bound_then_resume(tmp_path):
     assert r['emp_mean'] <= r['emp_upper'] <= r['bound'] <= 1
   assert bound['m'] + bound['prior_examples'] == 1347
   assert (tmp_path / 'flatness.png').stat().st_size > 0
-  # An interrupted run (no results.json yet) resumes: finished models are read back, not
-  # retrained or re-measured.
+  # An interrupted run (no results.json yet) resumes in one process: finished models are read
+  # back, not retrained or re-measured; one that process 1 had trained is retrained here, to
+  # the same record (to float32 rounding).
   (tmp_path / 'results.json').unlink()
+  lost = tmp_path / 'zoo' / 'w16_d2_lr0.1_b64_wd0_n0.2_s0'
+  by_job = json.loads((lost / 'model.json').read_text())
+  shutil.rmtree(lost)
   stamps = {p: p.stat().st_mtime_ns for p in tmp_path.glob('zoo/*/model.json')}
   again = _run(f'--workdir={tmp_path}', *TINY).stdout
-  assert '/4 w16_d2' not in again and 'resuming the run' in again
-  assert {p: p.stat().st_mtime_ns for p in tmp_path.glob('zoo/*/model.json')} == stamps
-  assert json.loads((tmp_path / 'results.json').read_text())['zoo']['tau'] == zoo['tau']
+  assert again.count('/4 w16_d2') == 1 and 'resuming the run' in again
+  assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+  here = json.loads((lost / 'model.json').read_text())
+  assert (here['steps'], here['test_acc']) == (by_job['steps'], by_job['test_acc'])
+  for key in ('measures', 'rescaled'):  # float32 rounding: another process's thread pool
+    assert here[key] == pytest.approx(by_job[key], rel=1e-5), key
+  resumed = json.loads((tmp_path / 'results.json').read_text())
+  assert resumed['zoo']['tau'] == zoo['tau']
+  # The prior is the job's (its checkpoint): the same certificates, computed in one process.
+  for a, b in zip(resumed['bound']['rows'], bound['rows'], strict=True):
+    assert a['bound'] == pytest.approx(b['bound'], rel=1e-6) and a['kl'] == pytest.approx(b['kl'])
   # Another bound model in the same workdir: one line naming the flag, nothing changed.
   before = tree_hashes(tmp_path)
   proc = _run(f'--workdir={tmp_path}', *TINY, '--bound_hidden=8', check=False)

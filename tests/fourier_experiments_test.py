@@ -1,16 +1,19 @@
 """The Fourier experiment: flag validation before any work (one launch per kind of failure), the
 Config's checks, a tiny end-to-end launch, and the same run from Python.
 
-The tiny run is a subprocess, as a user would run it (the shell's one-line error:
-experiments_test.py); the other launches run in this process (`launcher.launch`)."""
+The tiny run is a job of 2 processes x 4 devices started as a user would on a pod, checked
+against the same launch in this process; the other launches run in this process
+(`launcher.launch`)."""
 
 import dataclasses
 import json
 import os
 import re
 
+import numpy as np
 import pytest
-from launcher import assert_one_line_error, launch, run_script, tree_hashes
+from launcher import assert_one_line_error, launch, tree_hashes
+from multiprocess import run_launcher
 
 from tsuzuku_jax import checks
 from tsuzuku_jax.fourier import experiment
@@ -77,17 +80,19 @@ def test_config_accepts_linf_only_and_fractions():
 
 
 def test_tiny_run(tmp_path):
-  run_script(
-    SCRIPT,
-    f'--flagfile={FLAGFILE}',
-    f'--workdir={tmp_path}',
-    *TINY,
-    '--search=halving',
-    '--eps=auto,1.4',
-    '--linf_equivalent=1/8',
-    '--shift_stride=3',
-  )
+  # A job of 2 processes x 4 devices (each computes half of the heat map), then the same run in
+  # this process (8 devices): the same numbers.
+  args = [f'--flagfile={FLAGFILE}', *TINY, '--search=halving', '--eps=auto,1.4',
+          '--linf_equivalent=1/8', '--shift_stride=3']  # fmt: skip
+  run_launcher(SCRIPT, f'--workdir={tmp_path}', *args, cwd=tmp_path)
   results = json.loads((tmp_path / 'results.json').read_text())
+  _run(f'--workdir={tmp_path / "one"}', *args)
+  one = json.loads((tmp_path / 'one' / 'results.json').read_text())
+  for key in ('clean_accuracy', 'heat_map_error', 'heat_map_eps'):
+    np.testing.assert_allclose(results[key], one[key], rtol=1e-6, err_msg=key)
+  for name, row in results['per_eps'].items():
+    for key in ('fourier_heldout_fooling', 'fourier_frequency', 'random_heldout_fooling_mean'):
+      assert row[key] == pytest.approx(one['per_eps'][name][key], rel=1e-6), (name, key)
   assert results['experiment'] == 'fourier'
   config = results['config']
   assert config['eps'] == ['auto', 1.4] and config['linf_equivalent'] == ['1/8']

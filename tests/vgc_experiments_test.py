@@ -1,7 +1,8 @@
 """The VGC launcher: flag validation before any work, a tiny run, and resuming a sweep.
 
 The tiny sweep's first run is a subprocess, as a user would run it (the shell's one-line error:
-experiments_test.py); the other launches run in this process (`launcher.launch`, 8 devices)."""
+experiments_test.py), and one run is a job of 2 processes x 4 devices; the other launches run
+in this process (`launcher.launch`, 8 devices)."""
 
 import json
 import os
@@ -9,6 +10,7 @@ import os
 import jax
 import pytest
 from launcher import assert_one_line_error, launch, run_script, tree_hashes
+from multiprocess import run_launcher
 
 ROOT = os.path.join(os.path.dirname(__file__), '..')
 SCRIPT = os.path.join(ROOT, 'experiments', 'vgc.py')
@@ -73,8 +75,22 @@ def test_tiny_sweep_writes_results_and_resumes(tmp_path):
   assert tree_hashes(tmp_path) == before
 
 
-def test_shard_map_on_devices(tmp_path):
-  args = [f'--workdir={tmp_path}', '--steps=10', '--eval_every=5', '--hidden=16', '--methods=vgc']
-  _run(*args)  # --workers=0: one per device
-  results = json.loads((tmp_path / 'results.json').read_text())
-  assert results['workers'] == jax.device_count() == 8
+def test_shard_map_on_devices_and_across_processes(tmp_path):
+  args = ['--steps=10', '--eval_every=5', '--hidden=16', '--methods=vgc']
+  _run(f'--workdir={tmp_path / "one"}', *args)  # --workers=0: one per device
+  one = json.loads((tmp_path / 'one' / 'results.json').read_text())
+  assert one['workers'] == jax.device_count() == 8
+  # The same 8 workers as a job of 2 processes x 4 devices: the compressed exchange crosses
+  # the processes, with the same bytes (exact) and accuracy.
+  run_launcher(SCRIPT, f'--workdir={tmp_path / "job"}', *args, cwd=tmp_path)
+  job = json.loads((tmp_path / 'job' / 'results.json').read_text())
+  assert job['workers'] == 8
+  for key in ('accuracy', 'ratio_ideal', 'ratio_static', 'ratio_elements', 'density_per_step'):
+    assert job['methods']['vgc'][key] == one['methods']['vgc'][key], key
+  history = [json.loads((tmp_path / r / 'vgc' / 'seed0.json').read_text())['history']
+             for r in ('one', 'job')]  # fmt: skip
+  assert history[0]['totals'] == history[1]['totals'] and history[0]['totals']['sent'] > 0
+  # On a job, --simulate (every worker on one device of each process) is refused on each.
+  with pytest.raises(AssertionError, match='use --nosimulate and --workers=0'):
+    run_launcher(SCRIPT, f'--workdir={tmp_path / "sim"}', '--simulate', *args, cwd=tmp_path)
+  assert not (tmp_path / 'sim').exists()

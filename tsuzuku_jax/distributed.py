@@ -13,6 +13,7 @@ naming the lost process and exit status 3 (`LOST`); `finish` tells the others th
 process ended normally (it is then no longer waited for).
 """
 
+import functools
 import hashlib
 import json
 import os
@@ -87,7 +88,21 @@ def initialize(
   if jax.process_count() == 1:
     return False
   _Watchdog.start(heartbeat_timeout_s)
+  sys.excepthook = functools.partial(_excepthook, sys.excepthook, jax.process_index())
   return True
+
+
+# What a collective reports when another process is gone (gloo on CPU, NCCL, the runtime).
+_PEER_LOST = ('Connection reset by peer', 'Connection closed', 'Socket closed', 'UNAVAILABLE')
+
+
+def _excepthook(previous, me: int, kind, value, traceback) -> None:
+  """An uncaught error of a collective whose peer is gone: `_lost`'s one line, not a traceback
+  followed by the runtime's abort at exit."""
+  text = str(value)
+  if isinstance(value, jax.errors.JaxRuntimeError) and any(m in text for m in _PEER_LOST):
+    _lost(me, f'a collective with another process failed ({text.splitlines()[0][:200]})')
+  previous(kind, value, traceback)
 
 
 class _Watchdog:
@@ -129,13 +144,13 @@ class _Watchdog:
           if count != seen[p][0]:
             seen[p] = (count, time.monotonic())
           elif time.monotonic() - seen[p][1] > timeout_s:
-            _lost(f'process {p} of {n} sent no heartbeat for {timeout_s:g} s (it stopped or '
-                  'was killed)')  # fmt: skip
+            _lost(me, f'process {p} of {n} sent no heartbeat for {timeout_s:g} s (it stopped '
+                  'or was killed)')  # fmt: skip
         failures = 0
       except Exception as e:  # the coordination service (on process 0) is gone
         failures += 1
         if failures * period > min(timeout_s, 5.0):
-          _lost(f'the job coordinator (process 0) cannot be reached ({str(e).splitlines()[0]})')
+          _lost(me, f'the job coordinator (process 0) cannot be reached ({str(e).splitlines()[0]})')
 
   @classmethod
   def finish(cls) -> None:
@@ -164,11 +179,11 @@ def _try_get(client, key: str) -> str | None:
     raise
 
 
-def _lost(reason: str) -> None:
+def _lost(me: int, reason: str) -> None:
   """Ends this process at once (other threads are blocked in a collective) with one line."""
   line = (
-    f'error: process {jax.process_index()}: {reason}; stopping this job. Restart every '
-    'process with the same command to resume from the last checkpoint\n'
+    f'error: process {me}: {reason}; stopping this job. Restart every process with the same '
+    'command to resume from the last checkpoint\n'
   )
   os.write(sys.stderr.fileno(), line.encode())
   os._exit(LOST)
