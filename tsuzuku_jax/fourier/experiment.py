@@ -225,8 +225,7 @@ def run(
                               overwrite=overwrite, cli=cli, log=log):  # fmt: skip
     return None
   model = models.CNN(data.num_classes(ytr), tuple(config.channels), config.dense, batch_norm=False)
-  # Data-parallel over every device (of every process in a multi-process job).
-  mesh = data.data_mesh() if jax.device_count() > 1 else None
+  mesh = data.data_mesh() if jax.device_count() > 1 else None  # every process's devices
   state = train_lib.train(
     model, config.train_config(), xtr, ytr, os.path.join(path, 'model'), mesh=mesh, log=log
   )
@@ -260,19 +259,18 @@ def run(
   }
   maps = {f'heat map, error at L2 {norms[0][1]:.3g}': heat_err}
   for name, eps, how in norms:
-    row, four, uap = attack_at(
-      config, query, logits_fn, search, pred[:n], held, held_ref, eps, key=key
-    )
+    row, four, uap = attack_at(config, query, logits_fn, search, pred[:n], held, held_ref, eps,
+                               key=key)  # fmt: skip
     results['per_eps'][name] = row = {'eps': eps, 'eps_choice': how, **row}
     log(_summary(name, row))
     maps[f'Fourier, L2 {eps:.3g}'] = four
     maps[f'white-box, L2 {eps:.3g}'] = uap
   results_path = os.path.join(path, 'results.json')
   if distributed.is_primary():  # one writer of the shared files in a multi-process job
+    label = 'error rate (fraction of images misclassified)'
     plotting.plot_fourier_maps(
-      maps, os.path.join(path, 'fourier.png'), title=config.dataset,
-      colorbar_label='error rate (fraction of images misclassified)',
-    )  # fmt: skip
+      maps, os.path.join(path, 'fourier.png'), title=config.dataset, colorbar_label=label
+    )
     workdir.write_json(results_path, {'experiment': 'fourier', **results})
   log(f'wrote {results_path}')
   return results
