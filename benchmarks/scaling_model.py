@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 
@@ -70,16 +69,6 @@ def parse_args(argv=None):
   return args
 
 
-def _median_ms(fn, *args, repeats: int) -> float:
-  jax.block_until_ready(fn(*args))  # compile
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return 1e3 * float(np.median(times))
-
-
 def lmt_step(args) -> dict:
   """The WRN's parameter count and its single-device LMT train step (measured or read)."""
   model = models.WideResNet(10, args.wrn_depth, args.wrn_width)
@@ -96,7 +85,9 @@ def lmt_step(args) -> dict:
   key = jax.random.key(0)
   batch = {'image': jax.random.uniform(key, (args.batch_size, 32, 32, 3)),
            'label': jax.random.randint(key, (args.batch_size,), 0, 10)}  # fmt: skip
-  ms = _median_ms(lambda s, b: step(s, b)[0].params, state, batch, repeats=args.repeats)
+  seconds = cost_model.median_seconds(lambda s, b: step(s, b)[0].params, state, batch,
+                                      repeats=args.repeats)  # fmt: skip
+  ms = 1e3 * seconds
   return {'params': params, 'step_ms': ms, 'batch_size': args.batch_size, 'source': 'measured'}
 
 

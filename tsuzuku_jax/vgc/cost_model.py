@@ -99,7 +99,8 @@ def speedup_table(m: StepModel, gbits: Sequence[float] = (1, 10, 100)) -> dict:
   }
 
 
-def _median_seconds(fn: Callable, *args, repeats: int) -> float:
+def median_seconds(fn: Callable, *args, repeats: int) -> float:
+  """Median seconds of `fn(*args)` over `repeats` calls, after one (compiling) call."""
   jax.block_until_ready(fn(*args))  # compile
   times = []
   for _ in range(repeats):
@@ -120,17 +121,17 @@ def measure_worker_times(loss_fn: Callable, params, batch: dict, config, repeats
   """
   comp = config.compressor()
   grad_fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
-  t_compute = _median_seconds(grad_fn, params, batch, repeats=repeats)
+  t_compute = median_seconds(grad_fn, params, batch, repeats=repeats)
   grads = grad_fn(params, batch)[1]
   s = jax.tree.map(jnp.square, grads)
   t_variance = 0.0
   if comp.needs_variance:
     est = variance.estimator(config.estimator, config.microbatches)
     est_fn = jax.jit(lambda p, b: est(loss_fn, p, b))
-    t_variance = max(_median_seconds(est_fn, params, batch, repeats=repeats) - t_compute, 0.0)
+    t_variance = max(median_seconds(est_fn, params, batch, repeats=repeats) - t_compute, 0.0)
   update = jax.jit(comp.update)
   state = comp.init(params)
-  t_compress = _median_seconds(
+  t_compress = median_seconds(
     update, grads, state, s if comp.needs_variance else None, repeats=repeats
   )
   return {'t_compute': t_compute, 't_variance': t_variance, 't_compress': t_compress}
