@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from tsuzuku_jax import checks, progress
+from tsuzuku_jax import checks, distributed, progress
 
 LogitsFn = Callable[[jax.Array], jax.Array]
 
@@ -299,22 +299,26 @@ def robust_accuracy_batched(
   **pgd_kwargs,
 ) -> jax.Array:
   """() float32 `robust_accuracy` over N examples (arguments as there), in chunks of
-  `batch_size` examples: chunk i uses `jax.random.fold_in(key, i)`; progress on long runs."""
+  `batch_size` examples: chunk i uses `jax.random.fold_in(key, i)`; progress on long runs.
+
+  In a multi-process job every process calls it alike: each attacks its share of the chunks
+  (`distributed.mine`), and the counts are summed over processes (the same result)."""
   x = jnp.asarray(x)
   eps = _per_example(eps, x)
   n = x.shape[0]
   correct = jnp.zeros((), jnp.float32)
   starts = range(0, n, batch_size)
-  bar = progress.Progress(f'PGD ({n} points)', len(starts), unit='batches')
-  for i, start in enumerate(starts):
-    sl = slice(start, start + batch_size)
+  mine = distributed.mine(len(starts))
+  bar = progress.Progress(f'PGD ({n} points)', len(mine), unit='batches')
+  for j, i in enumerate(mine):
+    sl = slice(starts[i], starts[i] + batch_size)
     acc = robust_accuracy(
       logits_fn, x[sl], y[sl], eps[sl], key=jax.random.fold_in(key, i), **pgd_kwargs
     )
     correct += acc * x[sl].shape[0]
     jax.block_until_ready(correct)  # so that the progress line times the work
-    bar.update(i + 1)
-  return correct / n
+    bar.update(j + 1)
+  return jnp.asarray(distributed.total(correct), jnp.float32) / n
 
 
 def random_perturbations(shape, eps: float, count: int, *, key: jax.Array, norm: str = 'l2'):

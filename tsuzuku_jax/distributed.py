@@ -227,6 +227,23 @@ def in_turn(fn: Callable[[], T], name: str) -> T:
   return fn()
 
 
+def mine(n: int) -> range:
+  """This process's share of n items (work units, batches): items p, p + P, ... of process p
+  of P (all n in a single process)."""
+  return range(jax.process_index(), n, jax.process_count())
+
+
+def total(value) -> np.ndarray:
+  """The sum over processes of each process's `value` (a number or array; itself in a single
+  process). Every process must call it."""
+  value = np.asarray(value)
+  if jax.process_count() == 1:
+    return value
+  from jax.experimental import multihost_utils
+
+  return np.asarray(multihost_utils.process_allgather(value)).sum(0)
+
+
 def digest(settings: dict) -> str:
   """A short hash of JSON-like settings (key order does not matter)."""
   text = json.dumps(settings, sort_keys=True, default=str)

@@ -4,7 +4,8 @@
 attack, a heat map, a search, the flatness measures). The clock starts when the first unit is
 done: that unit paid for compilation, so neither the rate nor the ETA counts it. A line is
 printed every `every` seconds (10 by default), and a last one when such a phase ends, so a
-phase of many small units does not flood a notebook and a short phase prints nothing.
+phase of many small units does not flood a notebook and a short phase prints nothing. In a
+multi-process job only process 0 prints (by default).
 
 `Scalars` writes metrics to TensorBoard event files with tensorboardX (no TensorFlow), so a run
 can be watched live with `tensorboard --logdir WORKDIR`; nothing is written when `logdir` is
@@ -12,10 +13,18 @@ None, and a resumed run appends a new events file beside the old one (TensorBoar
 steps in order).
 """
 
+import sys
 import time
 from collections.abc import Callable, Mapping
 
 from tsuzuku_jax.workdir import print_flushed
+
+
+def print_on_process_0(line: str) -> None:
+  """`print_flushed` on process 0 of a multi-process job (and in a single process)."""
+  jax = sys.modules.get('jax')  # not imported here: progress lines need no jax
+  if jax is None or jax.process_index() == 0:
+    print_flushed(line)
 
 
 class Progress:
@@ -33,7 +42,7 @@ class Progress:
     unit: str = 'steps',
     start: int = 0,
     every: float = 10.0,
-    log: Callable[[str], None] = print_flushed,
+    log: Callable[[str], None] = print_on_process_0,
     clock: Callable[[], float] = time.monotonic,
   ):
     if total < 0 or not 0 <= start <= max(total, 0):

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from tsuzuku_jax import checks, progress
+from tsuzuku_jax import checks, distributed, progress
 from tsuzuku_jax.fourier.directions import _check_inputs, _perturbed, all_frequencies, basis
 
 LogitsFn = Callable[[jax.Array], jax.Array]
@@ -98,10 +98,8 @@ def _heat_map(logits_fn, images, labels, eps, key, *, chunk, batch, mode, clip):
   labs = jnp.concatenate([labels, jnp.zeros((pad,), labels.dtype)]).reshape(n_batches, batch)
   valid = (jnp.arange(n_batches * batch) < n).reshape(n_batches, batch)
   # In a multi-process job process p computes chunks p, p + P, ... and all gather them.
-  me, procs = jax.process_index(), jax.process_count()
-  mine = range(me, n_chunks, procs)
-  quiet = (lambda line: None) if me else progress.print_flushed
-  bar = progress.Progress(f'heat map ({n} images)', len(mine), unit='direction chunks', log=quiet)
+  mine = distributed.mine(n_chunks)
+  bar = progress.Progress(f'heat map ({n} images)', len(mine), unit='direction chunks')
   outs = []
   for j, ci in enumerate(mine):
     outs.append(_heat_chunk(logits_fn, imgs, labs, valid, freqs, eps, key, jnp.int32(ci),
@@ -112,7 +110,7 @@ def _heat_map(logits_fn, images, labels, eps, key, *, chunk, batch, mode, clip):
   none = jnp.zeros((0, channels, chunk), jnp.float32)  # a process with no chunk of its own
   wrong = jnp.stack([o[0] for o in outs]) if outs else none  # (own chunks, C', chunk)
   loss = jnp.stack([o[1] for o in outs]) if outs else none
-  if procs > 1:
+  if jax.process_count() > 1:
     wrong, loss = _gather_chunks((wrong, loss), n_chunks)
   err = jnp.moveaxis(wrong, 1, 0).reshape(channels, -1)[:, :k] / n
   los = jnp.moveaxis(loss, 1, 0).reshape(channels, -1)[:, :k] / n

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tsuzuku_jax import attacks, checks, progress
+from tsuzuku_jax import attacks, checks, distributed, progress
 from tsuzuku_jax.lmt import analysis
 from tsuzuku_jax.lmt.analysis import Certificate, certificate
 from tsuzuku_jax.lmt.margins import FORMS, pairwise_bounds
@@ -241,7 +241,7 @@ def robustness_report(
     for e, k in zip(eps, keys, strict=False)
   ]
   soundness = {}
-  starts = range(0, n, batch_size)
+  starts = distributed.mine(len(range(0, n, batch_size)))  # this process's batches
   bar = progress.Progress(f'PGD inside the certified radii ({n} points)',
                           len(FORMS) * len(starts), unit='batches')  # fmt: skip
   for j, (f, k) in enumerate(zip(FORMS, keys[len(eps) :], strict=True)):
@@ -249,7 +249,7 @@ def robustness_report(
     radius = np.where(np.isfinite(r), r, 1e6)
     certified = radii.correct[:n] & (radius > 0)
     count = 0
-    for b, i in enumerate(starts):
+    for b, i in enumerate(batch_size * s for s in starts):
       sl = slice(i, i + batch_size)
       count += int(
         attacks.count_violations(
@@ -257,5 +257,5 @@ def robustness_report(
         )
       )
       bar.update(j * len(starts) + b + 1)
-    soundness[f] = Soundness(count, int(certified.sum()))
+    soundness[f] = Soundness(int(distributed.total(count)), int(certified.sum()))
   return Report(radii, np.asarray(pgd), soundness, n)
