@@ -30,7 +30,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from tsuzuku_jax import checks, data, loop
+from tsuzuku_jax import checks, data, distributed, loop
 from tsuzuku_jax.vgc import allreduce, compression, transforms, variance
 
 AXIS = 'data'
@@ -240,13 +240,16 @@ def place(state: DPState, config: DPConfig, mesh=None) -> DPState:
 
 
 def accuracy(apply_fn: Callable, params, images: np.ndarray, labels: np.ndarray, batch=1000):
-  """Test accuracy of `apply_fn(params, images) -> logits` over host arrays."""
+  """Test accuracy of `apply_fn(params, images) -> logits` over host arrays. In a multi-process
+  job each process evaluates its share of the batches and the counts are summed."""
   fn = jax.jit(apply_fn)
+  if loop.is_shared(params):  # on every process's devices: evaluated on this process's own
+    params = jax.device_get(params)
   correct = 0
-  for i in range(0, len(images), batch):
-    logits = fn(params, images[i : i + batch])
-    correct += int(jnp.sum(jnp.argmax(logits, -1) == labels[i : i + batch]))
-  return correct / len(images)
+  for i in distributed.mine(-(-len(images) // batch)):
+    logits = fn(params, images[i * batch : (i + 1) * batch])
+    correct += int(jnp.sum(jnp.argmax(logits, -1) == labels[i * batch : (i + 1) * batch]))
+  return int(distributed.total(correct)) / len(images)
 
 
 BYTES = ('dense_bytes', 'static_bytes', 'ideal_bytes', 'elements', 'sent', 'overflow')
