@@ -8,11 +8,11 @@ ring all-reduce / all-gather, alpha-beta, no overlap of communication with compu
 per-device batch fixed (weak scaling), from single-device times measured here:
 
 - LMT, WRN-16-4 on 32x32x3 (`models.WideResNet`): the LMT train step (pairwise margin loss,
-  one power iteration per linear segment) at --batch_size per device, timed by this script
-  (compile excluded, median of --repeats), or read from a benchmark JSON (--lmt_bench_json:
-  `lmt_bench.py`'s WRN `train_step.lmt.median_ms`, at that file's batch size). Its exchange
-  is the dense gradient: 4 bytes per parameter, ring all-reduce (the power-iteration vectors
-  are computed alike on every device and never sent).
+  one power iteration per linear segment) as `lmt_bench.py` measured it on the same device
+  (--lmt_bench_json: its WRN `train_step.lmt.median_ms`, at its batch size; the accelerator
+  suite passes the record it has just written). Its exchange is the dense gradient: 4 bytes
+  per parameter, ring all-reduce (the power-iteration vectors are computed alike on every
+  device and never sent).
 - VGC, the CIFAR-10 CNN of `experiments/configs/vgc_cifar10.flags` (conv 32-64, dense 256):
   forward + backward, the cheap variance estimate and the VGC compression step, measured by
   `cost_model.measure_worker_times` at --batch_size per device. Dense: ring all-reduce of the
@@ -39,10 +39,10 @@ import numpy as np  # noqa: E402
 
 from benchmarks import bench_util as bu  # noqa: E402
 from tsuzuku_jax import models, train_lib  # noqa: E402
-from tsuzuku_jax.lmt import training_loss  # noqa: E402
 from tsuzuku_jax.vgc import cost_model  # noqa: E402
 from tsuzuku_jax.vgc import data_parallel as dp  # noqa: E402
 
+HERE = os.path.dirname(os.path.abspath(__file__))
 DEVICES = (8, 64, 256)
 # (name, Gbit/s per device, latency s) by device count: STATED interconnects, not measured.
 NETWORKS = {
@@ -57,38 +57,23 @@ def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('--batch_size', type=int, default=128, help='per-device batch (weak scaling)')
   p.add_argument('--repeats', type=int, default=5)
-  p.add_argument('--lmt_bench_json', default='', help='read the WRN LMT step from this JSON')
-  p.add_argument('--wrn_depth', type=int, default=16)
-  p.add_argument('--wrn_width', type=int, default=4)
+  p.add_argument('--lmt_bench_json', default=os.path.join(HERE, 'results', 'lmt_bench_cpu.json'),
+                 help="lmt_bench's record holding the WRN LMT step")  # fmt: skip
   p.add_argument('--vgc_ratio', type=float, default=102.0, help='VGC ideal byte ratio')
   p.add_argument('--smoke', action='store_true', help='a tiny WRN and batch (the tests)')
   p.add_argument('--out', default=None, help='JSON path (default benchmarks/results/...)')
   args = p.parse_args(argv)
   if args.smoke:
-    args.batch_size, args.repeats, args.wrn_depth, args.wrn_width = 8, 2, 10, 1
+    args.batch_size, args.repeats = 8, 2
   return args
 
 
-def lmt_step(args) -> dict:
-  """The WRN's parameter count and its single-device LMT train step (measured or read)."""
-  model = models.WideResNet(10, args.wrn_depth, args.wrn_width)
-  config = train_lib.TrainConfig(batch_size=args.batch_size)
-  loss = training_loss(train_lib.apply_fn(model), (32, 32, 3), c=0.5)
-  state, tx = train_lib.create_state(model, config, (32, 32, 3), loss)
-  params = sum(int(np.size(a)) for a in jax.tree.leaves(state.params))
-  if args.lmt_bench_json:
-    with open(args.lmt_bench_json) as f:
-      wrn = json.load(f)['models']['wrn']
-    return {'params': params, 'step_ms': wrn['train_step']['lmt']['median_ms'],
-            'batch_size': wrn['batch_size'], 'source': args.lmt_bench_json}  # fmt: skip
-  step = train_lib.make_train_step(model, tx, loss)
-  key = jax.random.key(0)
-  batch = {'image': jax.random.uniform(key, (args.batch_size, 32, 32, 3)),
-           'label': jax.random.randint(key, (args.batch_size,), 0, 10)}  # fmt: skip
-  seconds = cost_model.median_seconds(lambda s, b: step(s, b)[0].params, state, batch,
-                                      repeats=args.repeats)  # fmt: skip
-  ms = 1e3 * seconds
-  return {'params': params, 'step_ms': ms, 'batch_size': args.batch_size, 'source': 'measured'}
+def lmt_step(path: str) -> dict:
+  """The WRN's parameter count and LMT train step from lmt_bench's record at `path`."""
+  with open(path) as f:
+    wrn = json.load(f)['models']['wrn']
+  return {'params': wrn['params'], 'step_ms': wrn['train_step']['lmt']['median_ms'],
+          'batch_size': wrn['batch_size'], 'source': path}  # fmt: skip
 
 
 def vgc_step(args) -> dict:
@@ -139,9 +124,9 @@ def main(argv=None) -> dict:
   args = parse_args(argv)
   info = bu.device_info()
   print(f'Device: {bu.describe(info)}')
-  lmt, vgc = lmt_step(args), vgc_step(args)
+  lmt, vgc = lmt_step(args.lmt_bench_json), vgc_step(args)
   table = rows(lmt, vgc, args.vgc_ratio)
-  print(f'\nLMT WRN-{args.wrn_depth}-{args.wrn_width}: {lmt["params"]:,} parameters, one-device '
+  print(f'\nLMT WRN-16-4: {lmt["params"]:,} parameters, one-device '
         f'step {lmt["step_ms"]:.1f} ms at batch {lmt["batch_size"]} ({lmt["source"]})')  # fmt: skip
   print(f'VGC CNN: {vgc["params"]:,} parameters, batch {vgc["batch_size"]}: forward + backward '
         f'{vgc["compute_ms"]:.1f} ms, variance +{vgc["variance_ms"]:.1f} ms, compress '

@@ -1,10 +1,10 @@
-"""Tests for benchmarks/accelerator_suite.py: the smoke run of every benchmark in one process
-(the CPU path of the one command the GPU session runs), the accelerator settings' flags, and
-the suite's handling of a failure, a missing figure, a time budget and a precision retry."""
+"""Tests for benchmarks/accelerator_suite.py: a smoke run through the suite (the CPU path of
+the one command the GPU session runs), every figure read from the stored full-size records, the
+accelerator settings' flags, and the suite's handling of a failure, a missing figure, a time
+budget and a precision retry."""
 
 import importlib.util
 import json
-import math
 import time
 import types
 
@@ -36,9 +36,9 @@ def test_the_figures_of_the_stored_cpu_records(suite):
       assert float(get(record)) > 0, fig
 
 
-# The smoke run leaves out lmt_wrn and scaling, lmt_bench and scaling_model again (their own
-# smoke runs are tested in benchmarks_test.py and scaling_model_test.py; their figures below).
-SMOKED = ('lmt', 'vgc', 'flatness', 'fourier')
+# The suite's own path (load, argv, $OUT, the table) through its cheapest bench; every bench's
+# smoke run has its own test, and the figures are read below from the full-size CPU records.
+SMOKED = ('fourier',)
 
 
 def test_smoke_runs_every_benchmark_into_out(suite, tmp_path, monkeypatch, capsys):
@@ -63,9 +63,7 @@ def test_smoke_runs_every_benchmark_into_out(suite, tmp_path, monkeypatch, capsy
     if 'torch' in row['figure'] and not has_torch:
       assert row['value'] == 'n/a' and 'torch' in row['reason'], row
     else:
-      # NaN where a smoke timing is below resolution (vgc_bench: backward time <= 0).
       assert isinstance(row['value'], float) and 'reason' not in row and 'note' not in row, row
-      assert row['value'] > 0 or (math.isnan(row['value']) and 'variance' in row['figure']), row
     assert row['figure'] in printed
   assert 'ratio of' in printed and 'suite.json' in printed
 
