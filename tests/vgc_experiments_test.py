@@ -90,7 +90,14 @@ def test_shard_map_on_devices_and_across_processes(tmp_path):
   history = [json.loads((tmp_path / r / 'vgc' / 'seed0.json').read_text())['history']
              for r in ('one', 'job')]  # fmt: skip
   assert history[0]['totals'] == history[1]['totals'] and history[0]['totals']['sent'] > 0
-  # On a job, --simulate (every worker on one device of each process) is refused on each.
-  with pytest.raises(AssertionError, match='use --nosimulate and --workers=0'):
-    run_launcher(SCRIPT, f'--workdir={tmp_path / "sim"}', '--simulate', *args, cwd=tmp_path)
+
+
+def test_simulation_is_refused_in_a_multi_process_job(tmp_path, monkeypatch):
+  # Every process would simulate every worker and write the same files: refused before any work.
+  from tsuzuku_jax import checks
+  from tsuzuku_jax.vgc import experiment
+
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  with pytest.raises(checks.InvalidInput, match='in a job of 2 processes use --nosimulate and'):
+    experiment.run(experiment.Config(simulate=True, workers=8), str(tmp_path / 'sim'), cli=True)
   assert not (tmp_path / 'sim').exists()
