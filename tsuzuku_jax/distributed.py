@@ -93,7 +93,8 @@ def initialize(
 
 
 # What a collective reports when another process is gone (gloo on CPU, NCCL, the runtime).
-_PEER_LOST = ('Connection reset by peer', 'Connection closed', 'Socket closed', 'UNAVAILABLE')
+_PEER_LOST = ('Gloo', 'Connection reset', 'Connection closed', 'Socket closed', 'Broken pipe',
+              'UNAVAILABLE')  # fmt: skip
 
 
 def _excepthook(previous, me: int, kind, value, traceback) -> None:
