@@ -13,7 +13,7 @@ import re
 
 import numpy as np
 import pytest
-from launcher import assert_one_line_error, launch, run_script, tree_hashes
+from launcher import assert_one_line_error, launch, once_per_session, run_script, tree_hashes
 from multiprocess import run_launcher
 
 from tsuzuku_jax.lmt import experiment
@@ -38,15 +38,20 @@ def _run(*args, check=True):
   return launch(SCRIPT, f'--flagfile={FLAGFILE}', *args, check=check)
 
 
+def _job(folder):
+  workdir = folder / 'run'
+  os.makedirs(folder)
+  procs = run_launcher(SCRIPT, f'--flagfile={FLAGFILE}', f'--workdir={workdir}', *TINY, cwd=folder)
+  assert 'step ' not in procs[1].stdout  # process 0 alone prints the progress
+  return procs[0].stdout
+
+
 @pytest.fixture(scope='module')
 def finished(tmp_path_factory):
   """A finished tiny LMT run (both models) by a job of 2 processes x 4 devices, and process 0's
-  stdout."""
-  workdir = tmp_path_factory.mktemp('lmt') / 'run'
-  args = f'--flagfile={FLAGFILE}', f'--workdir={workdir}', *TINY
-  procs = run_launcher(SCRIPT, *args, cwd=workdir.parent)
-  assert 'step ' not in procs[1].stdout  # process 0 alone prints the progress
-  return workdir, procs[0].stdout
+  stdout; one job for the whole session (tests only read it, or copy it)."""
+  folder, out = once_per_session(tmp_path_factory, 'lmt_job', _job)
+  return folder / 'run', out
 
 
 def test_a_bad_flag_from_a_shell_gives_one_line(tmp_path):

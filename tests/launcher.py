@@ -7,9 +7,11 @@ main(argv) is then called in-process)."""
 import contextlib
 import importlib.util
 import io
+import json
 import os
 import subprocess
 import sys
+import time
 
 
 def cpu_env(devices: int = 1, **extra: str) -> dict[str, str]:
@@ -109,3 +111,32 @@ def tree_hashes(root) -> dict[str, str]:
   from tsuzuku_jax import workdir
 
   return workdir.file_hashes(str(root))
+
+
+def once_per_session(tmp_path_factory, name: str, make):
+  """`(folder, make(folder))`, made by one pytest-xdist worker in a folder every worker sees (a
+  module fixture would be made once per worker: a multi-process job each time); the others wait
+  for it. `make` returns JSON values. The folder is shared: what uses it only reads it (or
+  copies it first)."""
+  base = tmp_path_factory.getbasetemp()
+  root = base.parent if os.environ.get('PYTEST_XDIST_WORKER') else base  # this session's
+  folder, lock, done = root / name, root / f'{name}.lock', root / f'{name}.json'
+  try:
+    os.close(os.open(lock, os.O_CREAT | os.O_EXCL))
+  except FileExistsError:  # another worker makes it
+    deadline = time.monotonic() + 900
+    while not done.exists():
+      if time.monotonic() > deadline:
+        raise TimeoutError(f'{name}: not made after 900 s') from None
+      time.sleep(0.5)
+  else:
+    try:
+      result = {'ok': make(folder)}
+    except BaseException as e:  # the waiting workers fail with its message, not a timeout
+      result = {'error': f'{type(e).__name__}: {e}'}
+    (root / f'{name}.tmp').write_text(json.dumps(result))
+    os.replace(root / f'{name}.tmp', done)
+  result = json.loads(done.read_text())
+  if 'error' in result:
+    raise RuntimeError(f'{name} failed in the worker that made it: {result["error"]}')
+  return folder, result['ok']
