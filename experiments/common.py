@@ -38,7 +38,7 @@ from absl import app, flags, logging
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 
-from tsuzuku_jax import checks, data, distributed, train_lib, workdir  # noqa: E402
+from tsuzuku_jax import checks, data, distributed, progress, train_lib, workdir  # noqa: E402
 
 WORKDIR = flags.DEFINE_string('workdir', None, 'Output directory (the run record, results).')
 OVERWRITE = flags.DEFINE_bool(
@@ -260,7 +260,7 @@ def main(experiment) -> Callable:
     config = config_from_flags(experiment.Config)
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
     join_job()
-    log = workdir.print_flushed if distributed.is_primary() else (lambda line: None)
-    experiment.run(config, WORKDIR.value, overwrite=OVERWRITE.value, cli=True, log=log)
+    experiment.run(config, WORKDIR.value, overwrite=OVERWRITE.value, cli=True,
+                   log=progress.print_on_process_0)  # fmt: skip
 
   return launch
