@@ -113,11 +113,19 @@ def test_config_from_notebook_runs_the_same_experiment(tmp_path, finished):
   config = experiment.Config(
     hidden=(32,), steps=30, learning_rate=3e-3, c=1.0, c_warmup_steps=2000, clip=True,
     eps=(0.1, 0.3), log_every=10, checkpoint_every=20, pgd_steps=5, pgd_restarts=1,
-    attack_examples=100, baseline=False,
+    attack_examples=100, baseline=False, certify_every=20,
   )  # fmt: skip
   lines = []
   results = experiment.run(config, str(tmp_path), log=lines.append)
   assert results['config']['steps'] == 30 and set(results) >= {'lmt', 'config', 'eps'}
+  # The curve of certified accuracy against training time: steps 20 and 30 (the end), and its
+  # last point is the final model's report (the same certificate, computed during training).
+  curve = results['lmt']['curve']
+  assert [p['step'] for p in curve] == [20, 30]
+  seconds = [p['train_seconds'] for p in curve]
+  assert 0 < seconds[0] < seconds[1] <= results['lmt']['train_seconds']
+  assert curve[-1]['certified'] == results['lmt']['certified_accuracy']['pairwise']
+  assert curve[-1]['clean'] == results['lmt']['clean_accuracy']
   assert 'baseline' not in results and (tmp_path / 'results.json').exists()
   # One process on 8 devices vs 2 x 4: the same parameters to float32 rounding (another order
   # of the gradient sums), the same certificates.

@@ -23,7 +23,7 @@ TINY = [
   '--widths=16', '--depths=2', '--learning_rates=0.1', '--batch_sizes=64', '--weight_decays=0',
   '--label_noises=0,0.2', '--seeds=0,1', '--max_steps=300', '--check_every=100', '--probes=4',
   '--lanczos_iters=4', '--sharpness_samples=2', '--sharpness_iters=6', '--bound_hidden=16',
-  '--prior_steps=50', '--posterior_steps=20', '--mc_samples=10', '--prior_sigmas=0.03',
+  '--prior_steps=50', '--posterior_steps=20', '--mc_rounds=2', '--prior_sigmas=0.03',
 ]  # fmt: skip
 
 
@@ -63,7 +63,7 @@ def test_bad_flag_gives_one_clear_line(tmp_path, flag, message):
     (dict(prior_sigmas=()), 'prior_sigmas must be positive numbers'),
     (dict(probes=0), 'probes must be >= 1, got 0'),
     (dict(max_steps=0), 'max_steps must be >= 1'),
-    (dict(mc_samples=0), 'mc_samples must be >= 1'),
+    (dict(mc_rounds=0), 'mc_rounds must be >= 1'),
     (dict(prior_fraction=1.0), 'prior_fraction must be in (0, 1), got 1.0'),
     (dict(delta=1.0), 'delta (a confidence) must be in (0, 1), got 1.0'),
     (dict(delta_mc=0.0), 'delta_mc (a confidence) must be in (0, 1)'),
@@ -89,7 +89,7 @@ def test_config_from_notebook_runs_the_same_experiment(tmp_path):
     widths=(16,), depths=(2,), learning_rates=(0.1,), batch_sizes=(64,), weight_decays=(0.0,),
     label_noises=(0.0, 0.2), seeds=(0,), max_steps=300, check_every=100, probes=4,
     lanczos_iters=4, sharpness_samples=2, sharpness_iters=6, bound_hidden=(16,), prior_steps=50,
-    posterior_steps=20, mc_samples=10, prior_sigmas=(0.03,),
+    posterior_steps=20, mc_rounds=2, prior_sigmas=(0.03,),
   )  # fmt: skip
   lines = []
   results = experiment.run(config, str(tmp_path), log=lines.append)

@@ -191,9 +191,9 @@ def test_fit_posterior_lowers_the_objective_and_certify_is_a_valid_chain(key):
   # The same noise draws at both points: the comparison is not at the mercy of Monte Carlo.
   start = objective(prior, jax.tree.map(lambda t: jnp.full_like(t, 0.3), prior))
   assert objective(mean, sigma) < 0.97 * start
-  cert = posterior.certify(apply, mean, sigma, prior, 0.3, x, y, key=key, num_samples=50,
-                           delta=0.025, delta_mc=0.01)  # fmt: skip
-  assert cert.emp_mean <= cert.emp_upper <= cert.bound <= 1
+  cert = posterior.certify(apply, mean, sigma, prior, 0.3, x, y, key=key, rounds=3,
+                           delta=0.025, delta_mc=0.01, chunk=128)  # fmt: skip
+  assert cert.emp_mean <= cert.emp_upper <= cert.bound <= 1 and cert.samples == 900
   assert cert.bound == pytest.approx(pac_bayes.langford_seeger(cert.emp_upper, cert.kl, 300, 0.025))
   # A tiny posterior samples the mean network: its error, also with a padded last chunk.
   tiny = jax.tree.map(lambda t: jnp.full_like(t, 1e-9), mean)
@@ -204,3 +204,83 @@ def test_fit_posterior_lowers_the_objective_and_certify_is_a_valid_chain(key):
     posterior.fit_posterior(apply, prior, 0.0, x, y, key=key)
   with pytest.raises(ValueError, match='delta'):
     posterior.fit_posterior(apply, prior, 0.1, x, y, key=key, delta=1.5)
+
+
+def test_mc_certificate_from_counts_uses_every_draw():
+  out = pac_bayes.mc_certificate_from_counts(1200, 300_000, kl=50.0, m=30_000, delta=0.025,
+                                             delta_mc=0.01)  # fmt: skip
+  assert out.emp_mean == 0.004 and out.samples == 300_000
+  assert out.emp_upper == pac_bayes.kl_inverse_upper(0.004, math.log(200) / 300_000)
+  assert out.bound == pac_bayes.langford_seeger(out.emp_upper, 50.0, 30_000, 0.025)
+  with pytest.raises(ValueError, match='errors must be in'):
+    pac_bayes.mc_certificate_from_counts(11, 10, 1.0, 10, 0.05, 0.01)
+  with pytest.raises(ValueError, match='draws'):
+    pac_bayes.mc_certificate_from_counts(0, 0, 1.0, 10, 0.05, 0.01)
+
+
+def _mlp(key):
+  import jax
+
+  from tsuzuku_jax import models
+
+  model = models.MLP(3, (6, 4))
+  params = model.init(key, jnp.zeros((1, 2, 2, 1)))['params']
+  sigma = jax.tree.map(lambda t: jnp.full_like(t, 0.4), params)
+  return model, params, sigma
+
+
+def test_local_reparametrisation_has_the_per_example_networks_distribution(key):
+  """Every logit of an example has the same distribution under the local reparametrisation as
+  under a full draw of the network (two-sample KS on 4000 draws each), and rows are
+  independent draws (one example repeated: the rows differ)."""
+  import jax
+  import scipy.stats
+
+  model, params, sigma = _mlp(key)
+  x = jnp.repeat(jax.random.uniform(jax.random.fold_in(key, 1), (1, 2, 2, 1)), 4000, 0)
+  lrt = posterior.local_reparam_logits(model)(params, sigma, jax.random.fold_in(key, 2), x)
+  full = posterior.per_example_logits(lambda p, x: model.apply({'params': p}, x))(
+    params, sigma, jax.random.fold_in(key, 3), x
+  )
+  for k in range(3):
+    assert scipy.stats.ks_2samp(np.asarray(lrt[:, k]), np.asarray(full[:, k])).pvalue > 1e-3
+  assert float(jnp.std(lrt[:, 0])) > 0.1 and float(jnp.std(full[:, 0])) > 0.1
+  # Correlation between logits of one network is kept (not independent logits).
+  c_lrt, c_full = (np.corrcoef(np.asarray(a[:, :2]).T)[0, 1] for a in (lrt, full))
+  assert abs(c_lrt - c_full) < 0.1
+
+
+def test_local_reparametrisation_refuses_what_it_cannot_sample_exactly(key):
+  import flax.linen as nn
+  import jax
+
+  class Shared(nn.Module):  # one Dense applied twice: its weights are shared
+    @nn.compact
+    def __call__(self, x):
+      d = nn.Dense(4)
+      return d(nn.relu(d(x.reshape(x.shape[0], -1)[:, :4])))
+
+  for model, shape in ((Shared(), (1, 2, 2, 1)), (nn.Conv(2, (3, 3)), (1, 4, 4, 1))):
+    params = model.init(key, jnp.zeros(shape))['params']
+    sig = jax.tree.map(jnp.ones_like, params)
+    with pytest.raises(ValueError, match='per_example_logits'):
+      posterior.local_reparam_logits(model)(params, sig, key, jnp.zeros((2, *shape[1:])))
+
+
+def test_mc_error_sums_resume_equals_one_call_and_pads_chunks(key):
+  import jax
+
+  model, params, sigma = _mlp(key)
+  x = jax.random.uniform(jax.random.fold_in(key, 1), (37, 2, 2, 1))
+  y = jnp.arange(37) % 3
+  fn = posterior.local_reparam_logits(model)
+  once = posterior.mc_error_sums(fn, params, sigma, x, y, key=key, rounds=4, chunk=10)
+  half = posterior.mc_error_sums(fn, params, sigma, x, y, key=key, rounds=1, chunk=10)
+  rest = posterior.mc_error_sums(fn, params, sigma, x, y, key=key, rounds=3, chunk=10, sums=half)
+  assert (once.rounds, once.errors, once.draws) == (rest.rounds, rest.errors, rest.draws)
+  assert once.draws == 148 and 0 < once.errors < 148
+  # A vanishing sigma samples the mean network in every draw: its errors, counted exactly.
+  tiny = jax.tree.map(lambda t: jnp.full_like(t, 1e-12), sigma)
+  want = int(jnp.sum(jnp.argmax(model.apply({'params': params}, x), -1) != y))
+  got = posterior.mc_error_sums(fn, params, tiny, x, y, key=key, rounds=2, chunk=10)
+  assert got.errors == 2 * want and got.draws == 74

@@ -228,7 +228,8 @@ def _steps(state, train_step, batches, schedule, workdir, mngr, board, records, 
         rec = {'step': step, 'time': now - t_last, **mean}
         if kw['on_log'] is not None:
           rec.update(kw['on_log'](step, state, host))
-        t_last = now
+          rec['on_log_time'] = time.time() - now  # kept out of 'time' (training only)
+        t_last = time.time()
         records.append(rec)
         if path is not None:
           with open(path, 'a') as f:

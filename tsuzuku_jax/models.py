@@ -12,7 +12,9 @@ from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
+import jax.extend as jex
 import jax.numpy as jnp
+from jax.interpreters import batching, mlir
 
 # Spatial padding of a 2-D conv: a lax padding string or two (lo, hi) pairs.
 Padding = str | Sequence[tuple[int, int]]
@@ -47,25 +49,84 @@ def _stem(x: jax.Array, mean, std) -> jax.Array:
 
 
 class MLP(nn.Module):
-  """Flatten, Dense-ReLU blocks, linear head."""
+  """Flatten, Dense-ReLU blocks (with dropout after each when training, if `dropout` > 0),
+  linear head."""
 
   num_classes: int = 10
   hidden: Sequence[int] = (256, 256)
   mean: Sequence[float] | None = None
   std: Sequence[float] | None = None
+  dropout: float = 0.0
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-    del train  # no batch norm or dropout
     x = _stem(x, self.mean, self.std)
     x = x.reshape(x.shape[0], -1)
     for i, h in enumerate(self.hidden):
       x = nn.relu(nn.Dense(h, name=f'dense{i}')(x))
+      if self.dropout:
+        x = nn.Dropout(self.dropout, deterministic=not train)(x)
     return nn.Dense(self.num_classes, name='head')(x)
 
 
+ACTIVATIONS = ('relu', 'minmax')
+
+
+def _pairs(x: jax.Array) -> jax.Array:
+  return x.reshape(*x.shape[:-1], x.shape[-1] // 2, 2)
+
+
+def _minmax_impl(x: jax.Array) -> jax.Array:
+  p = _pairs(x)
+  lo, hi = jnp.minimum(p[..., 0], p[..., 1]), jnp.maximum(p[..., 0], p[..., 1])
+  return jnp.stack([lo, hi], -1).reshape(x.shape)
+
+
+def _minmax_batch(args, dims):
+  (x,), (d,) = args, dims
+  return minmax_p.bind(jnp.moveaxis(x, d, 0)), 0  # the last axis stays last
+
+
+# One primitive for the whole pair sort, so that the Lipschitz analysis bounds it by 1 as a sort
+# (a max and a min of two branches would be bounded separately, 2x looser), computed with
+# max/min: XLA:CPU's general sort is 150x slower on pairs.
+minmax_p = jex.core.Primitive('minmax')
+minmax_p.def_impl(_minmax_impl)
+minmax_p.def_abstract_eval(lambda x: x)
+mlir.register_lowering(minmax_p, mlir.lower_fun(_minmax_impl, multiple_results=False))
+batching.primitive_batchers[minmax_p] = _minmax_batch
+
+
+@jax.custom_jvp
+def minmax(x: jax.Array) -> jax.Array:
+  """MinMax (GroupSort with groups of 2): sorts each pair of channels (last axis), the pair's
+  minimum first. Gradient-norm preserving; the analysis bounds it by 1 (a sort)."""
+  if x.shape[-1] % 2:
+    raise ValueError(f'minmax sorts channel pairs: got {x.shape[-1]} channels (odd)')
+  return minmax_p.bind(x)
+
+
+@minmax.defjvp
+def _minmax_jvp(primals, tangents):
+  (x,), (t,) = primals, tangents
+  p, tp = _pairs(x), _pairs(t)
+  swap = (p[..., 0] > p[..., 1])[..., None]  # the pair is reordered: so is its tangent
+  return minmax(x), jnp.where(swap, tp[..., ::-1], tp).reshape(t.shape)
+
+
+def activation_fn(name: str):
+  """'relu' | 'minmax' -> the function."""
+  if name not in ACTIVATIONS:
+    raise ValueError(f'activation must be one of {ACTIVATIONS}, got {name!r}')
+  return nn.relu if name == 'relu' else minmax
+
+
 class CNN(nn.Module):
-  """Small CNN: [conv(-BN)-ReLU-maxpool] per stage, a dense ReLU layer, a linear head."""
+  """Small CNN: [conv(-BN)-activation(-maxpool)] per stage, a dense layer, a linear head.
+
+  With `strides` 1 each stage ends with a 2x2 max pooling; with `strides` > 1 the conv itself
+  downsamples ('SAME' padding, no pooling), as GloRo's 2C2F (channels 16, 32, kernel 4,
+  strides 2, dense 100, minmax) does. `activation` 'relu' or 'minmax' (GroupSort 2)."""
 
   num_classes: int = 10
   channels: Sequence[int] = (32, 64)
@@ -73,21 +134,26 @@ class CNN(nn.Module):
   batch_norm: bool = True
   mean: Sequence[float] | None = None
   std: Sequence[float] | None = None
+  activation: str = 'relu'
+  kernel: int = 3
+  strides: int = 1
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    act = activation_fn(self.activation)
     x = _stem(x, self.mean, self.std)
     for i, c in enumerate(self.channels):
-      conv = nn.Conv(c, (3, 3), use_bias=not self.batch_norm, kernel_init=_he_normal,
-                     name=f'conv{i}')  # fmt: skip
+      k, st = (self.kernel, self.kernel), (self.strides, self.strides)
+      bias = not self.batch_norm
+      conv = nn.Conv(c, k, st, use_bias=bias, kernel_init=_he_normal, name=f'conv{i}')
       x = conv(x)
       if self.batch_norm:
         x = _batch_norm(train, f'bn{i}')(x)
-      x = nn.relu(x)
-      if x.shape[1] >= 2 and x.shape[2] >= 2:
+      x = act(x)
+      if self.strides == 1 and x.shape[1] >= 2 and x.shape[2] >= 2:
         x = nn.max_pool(x, (2, 2), (2, 2))
     x = x.reshape(x.shape[0], -1)
-    x = nn.relu(nn.Dense(self.dense, name='dense')(x))
+    x = act(nn.Dense(self.dense, name='dense')(x))
     return nn.Dense(self.num_classes, name='head')(x)
 
 
@@ -156,16 +222,9 @@ class LiResNet(nn.Module):
   std: Sequence[float] | None = None
 
   def _act(self, x: jax.Array) -> jax.Array:
-    if self.activation == 'relu':
-      return nn.relu(x)
-    if self.activation != 'minmax':
+    if self.activation not in ACTIVATIONS:
       raise ValueError(f"LiResNet activation must be 'minmax' or 'relu', got {self.activation!r}")
-    # Sorting each channel pair: the analysis bounds a sort by 1 (max/min of two branches
-    # would be bounded by their combined norms, a factor sqrt(2) looser).
-    if x.shape[-1] % 2:
-      raise ValueError(f'LiResNet minmax sorts channel pairs: got {x.shape[-1]} channels (odd)')
-    pairs = x.reshape(*x.shape[:-1], x.shape[-1] // 2, 2)
-    return jnp.sort(pairs, axis=-1).reshape(x.shape)
+    return activation_fn(self.activation)(x)
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:

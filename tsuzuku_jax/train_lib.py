@@ -239,6 +239,7 @@ def train(
   mesh=None,
   log: Callable[[str], None] = print,
   until: Callable[[TrainState], bool] | None = None,
+  on_log: Callable[[int, TrainState, list[dict]], dict] | None = None,
 ) -> TrainState:
   """Trains (or resumes) for `config.steps` steps; returns the final state.
 
@@ -246,6 +247,8 @@ def train(
   `config.log_every` steps, where `until(state)` is true, e.g. a training-loss criterion; a
   resumed run whose checkpoint already meets it returns at once. With a schedule that does not
   depend on `config.steps` ('constant'), the stopped state is the one a longer run would pass.
+  `on_log(step, state, window) -> dict` adds fields to each logging step's record (e.g. a test
+  evaluation; its time is recorded as `on_log_time`, not in the training `time`).
 
   Writes `workdir/run.json` (the model, `config` and a fingerprint of the data: a later call
   resumes only the same run), `workdir/metrics.jsonl` (exactly one line per logging step, also
@@ -292,5 +295,5 @@ def train(
   train_step = make_train_step(model, tx, loss, seed=config.seed)
   shown = ('loss', 'accuracy', *loss.shown)
   state, _ = loop.run(state, train_step, batches, schedule, workdir, shown=shown, until=until,
-                      log=log)  # fmt: skip
+                      on_log=on_log, log=log)  # fmt: skip
   return state

@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterable, Mapping
 from importlib import metadata
 from typing import Any, NamedTuple
 
+import numpy as np
+
 RUN_FILE = 'run.json'
 
 
@@ -34,10 +36,10 @@ class Run(NamedTuple):
   moved_to: str | None  # where `overwrite` moved a previous run, or None
 
 
-def _replace(path: str, write: Callable[[Any], None]) -> None:
+def _replace(path: str, write: Callable[[Any], None], binary: bool = False) -> None:
   """Writes `path` atomically: `write(file)` into a temporary file, fsync, rename."""
   tmp = f'{path}.tmp'
-  with open(tmp, 'w') as f:
+  with open(tmp, 'wb' if binary else 'w') as f:
     write(f)
     f.flush()
     os.fsync(f.fileno())
@@ -47,6 +49,11 @@ def _replace(path: str, write: Callable[[Any], None]) -> None:
 def write_json(path: str, obj: Any) -> None:
   """Writes `obj` as JSON to `path` atomically (temporary file, fsync, rename)."""
   _replace(path, lambda f: json.dump(obj, f, indent=1, default=_jsonable))
+
+
+def write_npz(path: str, **arrays) -> None:
+  """Writes numpy arrays to `path` (.npz) atomically (temporary file, fsync, rename)."""
+  _replace(path, lambda f: np.savez(f, **arrays), binary=True)
 
 
 def _jsonable(x):

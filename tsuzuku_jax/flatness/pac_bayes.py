@@ -8,10 +8,13 @@ With probability >= 1 - delta over an i.i.d. sample S of size m, for every poste
   so E_Q L_D <= kl^-1(E_Q L_S, that right-hand side) (`langford_seeger`);
 - McAllester (via Pinsker, looser): E_Q L_D <= E_Q L_S + sqrt((KL + ln(2 sqrt(m)/delta)) / (2m)).
 
-E_Q L_S is itself estimated from n sampled networks: with probability >= 1 - delta' it is
-at most kl^-1(mean sampled error, ln(2/delta') / n) (Langford & Caruana's sample convergence
-bound; `mc_certificate` chains both). Risks are 0-1 errors in [0, 1]. The arithmetic is done
-in float64 numpy on the host: these are a handful of scalars. Fitting and sampling a Gaussian
+E_Q L_S is itself estimated from sampled networks: with probability >= 1 - delta' it is at
+most kl^-1(mean sampled error, ln(2/delta') / n) (Langford & Caruana's sample convergence
+bound), n the number of independent draws: n networks each evaluated on all m examples
+(`mc_certificate`), or n = rounds * m (network, example) pairs when every example gets its own
+network in every round (`mc_certificate_from_counts`, far tighter for the same compute). Risks
+are 0-1 errors in [0, 1]. The arithmetic is done in float64 numpy on the host: these are a
+handful of scalars. Fitting and sampling a Gaussian
 posterior, and certifying it with these bounds, is `flatness.posterior`.
 """
 
@@ -193,7 +196,7 @@ class Certificate(NamedTuple):
 
   emp_mean: float  # mean 0-1 error of the sampled networks on the m examples
   emp_upper: float  # kl^-1(emp_mean, ln(2/delta_mc)/samples): >= E_Q L_S w.p. >= 1 - delta_mc
-  samples: int  # sampled networks
+  samples: int  # independent draws: sampled networks, or (network, example) pairs
   kl: float  # KL(Q || P)
   bound: float  # Langford-Seeger at emp_upper: holds w.p. >= 1 - delta - delta_mc
   confidence: float  # 1 - delta - delta_mc
@@ -223,6 +226,37 @@ def mc_certificate(sampled_errors, kl, m, delta, delta_mc) -> Certificate:
     emp_mean=mean,
     emp_upper=upper,
     samples=int(errs.size),
+    kl=float(kl),
+    bound=langford_seeger(upper, kl, m, delta),
+    confidence=1.0 - delta - delta_mc,
+  )
+
+
+def mc_certificate_from_counts(errors, draws, kl, m, delta, delta_mc) -> Certificate:
+  """A certificate of the stochastic classifier from independent (network, example) draws.
+
+  Each of the `draws` evaluations classifies one example z_i by its own network theta ~ Q,
+  drawn independently of every other, and every example appears equally often (whole rounds
+  over the m examples): the draws are independent Bernoulli variables whose means p_i =
+  P_Q(theta errs on z_i) average to E_Q L_S exactly. Hoeffding's (1963, Theorem 1) bound in its
+  kl form holds for independent [0, 1] variables with unequal means, so with probability
+  >= 1 - delta_mc, E_Q L_S <= kl^-1(errors / draws, ln(2 / delta_mc) / draws) (two-sided, as
+  `mc_certificate`), and Langford-Seeger is applied there.
+
+  Args:
+    errors: wrong predictions counted; draws: evaluations (rounds * m).
+    kl, m, delta, delta_mc: as `mc_certificate`.
+  """
+  errors, draws = int(errors), _check_m(draws, 'draws')
+  if not 0 <= errors <= draws:
+    raise ValueError(f'errors must be in [0, draws={draws}], got {errors}')
+  delta_mc = _check_delta(delta_mc, 'delta_mc')
+  mean = errors / draws
+  upper = kl_inverse_upper(mean, math.log(2.0 / delta_mc) / draws)
+  return Certificate(
+    emp_mean=mean,
+    emp_upper=upper,
+    samples=draws,
     kl=float(kl),
     bound=langford_seeger(upper, kl, m, delta),
     confidence=1.0 - delta - delta_mc,

@@ -3,12 +3,21 @@ certification (Dziugaite & Roy 2017; Perez-Ortiz et al. 2021), on the bounds of
 `flatness.pac_bayes`.
 
 `fit_posterior` optimises N(mean, diag sigma^2) from a prior N(prior_mean, prior_sigma^2 I) by
-Adam on `quad_objective`; `certify` bounds the stochastic classifier's expected error from
-`sampled_errors` on examples the prior never saw (`pac_bayes.mc_certificate`).
+Adam on `quad_objective`; `certify` bounds the stochastic classifier's expected error on
+examples the prior never saw (`pac_bayes.mc_certificate_from_counts`) from `mc_error_sums`:
+rounds over the examples in which every example is classified by its own sampled network,
+streamed in chunks under one jit and resumable from its partial sums. The per-example networks
+come from `per_example_logits` (any model: a full draw per example) or `local_reparam_logits`
+(networks whose parameters are all dense layers: exact, at about twice a forward pass).
+`sampled_errors` evaluates whole networks on all examples (a network's own error).
 """
 
 import math
+import time
+from collections.abc import Callable
+from typing import NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -18,8 +27,12 @@ from tsuzuku_jax.flatness.pac_bayes import (
   _check_delta,
   _check_m,
   gaussian_kl,
-  mc_certificate,
+  mc_certificate_from_counts,
 )
+
+# `logits_fn(mean, sigma, key, images) -> logits`: row i classified by its own network
+# theta_i ~ N(mean, diag sigma^2), independent of the other rows' and of other keys' draws.
+SampledLogits = Callable[[object, object, jax.Array, jax.Array], jax.Array]
 
 
 def sample_params(mean, sigma, *, key: jax.Array):
@@ -152,6 +165,134 @@ def sampled_errors(
   return run(mean, sigma, xs, ys, jax.random.split(key, num_samples))
 
 
+def per_example_logits(apply_fn, batch: int = 16) -> SampledLogits:
+  """`SampledLogits` for any `apply_fn(params, images)`: a full parameter draw per example (its
+  cost is one Gaussian per parameter per example), `batch` examples' networks at a time."""
+
+  def logits(mean, sigma, key, images):
+    def one(args):
+      k, x = args
+      return apply_fn(sample_params(mean, sigma, key=k), x[None])[0]
+
+    keys = jax.random.split(key, images.shape[0])
+    return jax.lax.map(one, (keys, images), batch_size=min(batch, images.shape[0]))
+
+  return logits
+
+
+def local_reparam_logits(model: nn.Module) -> SampledLogits:
+  """`SampledLogits` of a Flax model whose parameters are all kernels and biases of `nn.Dense`
+  layers applied once per example to (batch, features) inputs (an MLP): by the local
+  reparametrisation (Kingma et al. 2015), exact here. With w ~ N(mu, diag s^2) independent of
+  the layer's input h, h w + b is N(h mu + b_mu, h^2 s^2 + s_b^2) with independent units; the
+  layers' draws are independent, so drawing each layer's outputs this way, per example, gives
+  every example exactly the output distribution of its own network theta ~ Q. Params are
+  `model.apply({'params': params}, x)`'s. Anything else (a conv, a Dense on a 3-D input or
+  called twice: shared weights) raises ValueError when traced: use `per_example_logits`.
+  """
+
+  def logits(mean, sigma, key, images):
+    seen = []
+
+    def interceptor(next_fun, args, kwargs, context):
+      mod = context.module
+      if context.method_name != '__call__' or not isinstance(mod, nn.Module):
+        return next_fun(*args, **kwargs)
+      if not isinstance(mod, nn.Dense):
+        return next_fun(*args, **kwargs)  # a container; its parameters are checked below
+      path = tuple(mod.scope.path)
+      (x,) = args
+      if path in seen or x.ndim != 2 or kwargs:
+        raise ValueError(
+          f'local reparametrisation is exact only for dense layers used once per example on '
+          f'(batch, features) inputs; layer {"/".join(path)} is not (use per_example_logits)'
+        )
+      seen.append(path)
+      mu, s = mean, sigma
+      for name in path:
+        mu, s = mu[name], s[name]
+      out = jnp.dot(x, mu['kernel'])
+      var = jnp.dot(jnp.square(x), jnp.square(s['kernel']))
+      if 'bias' in mu:
+        out, var = out + mu['bias'], var + jnp.square(s['bias'])
+      noise = jax.random.normal(jax.random.fold_in(key, len(seen)), out.shape, out.dtype)
+      return out + jnp.sqrt(var) * noise
+
+    with nn.intercept_methods(interceptor):
+      out = model.apply({'params': mean}, images)
+    used = {('params', *p, leaf) for p in seen for leaf in ('kernel', 'bias')}
+    for path, _ in jax.tree_util.tree_flatten_with_path({'params': mean})[0]:
+      names = tuple(getattr(k, 'key', k) for k in path)
+      if names not in used:
+        raise ValueError(
+          f'local reparametrisation: parameter {"/".join(map(str, names[1:]))} is not a dense '
+          "layer's kernel or bias (use per_example_logits)"
+        )
+    return out
+
+  return logits
+
+
+class MCSums(NamedTuple):
+  """Partial sums of the Monte Carlo estimate of E_Q L_S (JSON-able; resume from them)."""
+
+  rounds: int  # whole passes over the m examples, each example with its own network
+  errors: int  # wrong predictions so far
+  draws: int  # (network, example) evaluations so far: rounds * m
+  seconds: float  # time spent computing them (compilation included)
+
+
+def mc_error_sums(
+  logits_fn: SampledLogits,
+  mean,
+  sigma,
+  images,
+  labels,
+  *,
+  key: jax.Array,
+  rounds: int,
+  chunk: int = 1000,
+  sums: MCSums | None = None,
+) -> MCSums:
+  """`rounds` more rounds of the Monte Carlo estimate on top of `sums`: in round r every example
+  is classified by its own network from `logits_fn` (key fold_in(key, r)), so a resumed estimate
+  equals an uninterrupted one. All rounds of a call run in one jit, streaming over chunks of
+  `chunk` examples (the last padded and masked)."""
+  _check_m(rounds, 'rounds')
+  _check_m(chunk, 'chunk')
+  sums = sums or MCSums(0, 0, 0, 0.0)
+  n = int(images.shape[0])
+  c = min(chunk, n)
+  pad = -n % c
+  xs = jnp.concatenate([images, jnp.zeros((pad, *images.shape[1:]), images.dtype)])
+  ys = jnp.concatenate([labels, jnp.full((pad,), -1, labels.dtype)])
+  xs, ys = xs.reshape(-1, c, *images.shape[1:]), ys.reshape(-1, c)
+
+  @jax.jit  # everything as arguments: closed-over data would be constant-folded by XLA
+  def run(mean, sigma, xs, ys, round_keys):
+    def one_round(k):
+      def one_chunk(total, inp):
+        i, x, y = inp
+        z = logits_fn(mean, sigma, jax.random.fold_in(k, i), x)
+        return total + jnp.sum((jnp.argmax(z, -1) != y) & (y >= 0)), None
+
+      total, _ = jax.lax.scan(one_chunk, jnp.zeros((), jnp.int32),
+                              (jnp.arange(xs.shape[0]), xs, ys))  # fmt: skip
+      return total
+
+    return jax.lax.map(one_round, round_keys)
+
+  t0 = time.perf_counter()
+  keys = jnp.stack([jax.random.fold_in(key, sums.rounds + r) for r in range(rounds)])
+  wrong = [int(v) for v in jax.device_get(run(mean, sigma, xs, ys, keys))]
+  return MCSums(
+    rounds=sums.rounds + rounds,
+    errors=sums.errors + sum(wrong),
+    draws=sums.draws + rounds * n,
+    seconds=sums.seconds + time.perf_counter() - t0,
+  )
+
+
 def certify(
   apply_fn,
   mean,
@@ -162,15 +303,28 @@ def certify(
   labels,
   *,
   key,
-  num_samples: int,
+  rounds: int,
   delta: float,
   delta_mc: float,
+  logits_fn: SampledLogits | None = None,
+  chunk: int = 1000,
 ) -> Certificate:
-  """`mc_certificate` of N(mean, diag sigma^2) against the prior N(prior_mean, prior_sigma^2 I)
+  """The certificate of N(mean, diag sigma^2) against the prior N(prior_mean, prior_sigma^2 I)
   on (images, labels), which the prior must not have seen: with probability >= 1 - delta -
-  delta_mc, its bound upper-bounds the stochastic classifier's expected test error."""
-  errs = jax.device_get(
-    sampled_errors(apply_fn, mean, sigma, images, labels, key=key, num_samples=num_samples)
-  )
+  delta_mc, its bound upper-bounds the stochastic classifier's expected test error. `rounds`
+  rounds of `mc_error_sums` (rounds * m independent draws) with `logits_fn` (default
+  `per_example_logits(apply_fn)`; `local_reparam_logits` is far faster for an MLP).
+
+  Raises:
+    InvalidInput: non-finite mean or sigma, non-finite images, or labels outside [0, K).
+  """
+  checks.check_params(mean, 'mean')
+  checks.check_params(sigma, 'sigma')
+  checks.check_images(images, pixel_range=None, ndim=None)
+  checks.check_labels_for(lambda x: apply_fn(mean, x), images, labels)
+  logits_fn = logits_fn or per_example_logits(apply_fn)
+  sums = mc_error_sums(logits_fn, mean, sigma, images, labels, key=key, rounds=rounds,
+                       chunk=chunk)  # fmt: skip
   kl = gaussian_kl(mean, sigma, prior_mean, prior_sigma)
-  return mc_certificate(errs, kl, int(images.shape[0]), delta, delta_mc)
+  return mc_certificate_from_counts(sums.errors, sums.draws, kl, int(images.shape[0]), delta,
+                                    delta_mc)  # fmt: skip

@@ -9,6 +9,7 @@ WORKDIR/run.json records the run: a later call resumes only the same configurati
 """
 
 import dataclasses
+import json
 import os
 from collections.abc import Callable
 from typing import ClassVar
@@ -19,7 +20,7 @@ import numpy as np
 from tsuzuku_jax import data, distributed, models, train_lib, workdir
 from tsuzuku_jax.lmt.analysis import certificate
 from tsuzuku_jax.lmt.margins import FORMS, VARIANTS, training_loss
-from tsuzuku_jax.lmt.radii import robustness_report, segment_report
+from tsuzuku_jax.lmt.radii import certify_dataset, robustness_report, segment_report
 
 MODELS = ('mlp', 'cnn', 'wrn', 'liresnet')
 # Settings that cannot change a result (recorded, but a resume may change them).
@@ -45,7 +46,11 @@ class Config:
   batch_norm: bool = True  # CNN: conv + batch norm
   depth: int = 16  # WRN depth; LiResNet: number of residual blocks
   width: int = 4  # WRN width factor; LiResNet: channels
-  activation: str = 'minmax'  # LiResNet: 'minmax' (GroupSort) or 'relu'
+  # CNN, LiResNet: 'minmax' (GroupSort 2) or 'relu' (default: relu for the CNN, minmax for
+  # LiResNet)
+  activation: str | None = None
+  kernel: int = 3  # CNN kernel size
+  strides: int = 1  # CNN conv strides (> 1: strided convs, no max pooling)
   dropout: float = 0.0  # WRN dropout
   normalize: bool = False  # per-channel standardisation inside the model
   steps: int = 2000  # training steps
@@ -66,6 +71,9 @@ class Config:
   pgd_steps: int = 40  # PGD steps
   pgd_restarts: int = 4  # PGD random restarts
   attack_examples: int = 1000  # test points attacked by PGD
+  # steps between certified accuracies of the current model on the test set during training (the
+  # curve of certified accuracy against training time in results.json; 0: none)
+  certify_every: int = 0
   log_every: int = 200  # steps between progress lines
   checkpoint_every: int = 1000  # steps between checkpoints
 
@@ -86,11 +94,21 @@ class Config:
       (self.model != 'liresnet' or self.depth >= 0,
        f'depth (LiResNet blocks) must be >= 0, got {self.depth}'),
       (self.model != 'liresnet' or (self.width >= 2 and
-                                    (self.activation != 'minmax' or self.width % 2 == 0)),
+                                    (self.activation == 'relu' or self.width % 2 == 0)),
        'width (LiResNet channels) must be a positive even number for activation=minmax, '
        f'got {self.width}'),
       (self.dense >= 1, f'dense must be positive, got {self.dense}'),
+      (self.kernel >= 1 and self.strides >= 1,
+       f'kernel and strides must be positive, got {self.kernel} and {self.strides}'),
+      (self.model != 'cnn' or self.activation != 'minmax' or
+       (all(c % 2 == 0 for c in self.channels) and self.dense % 2 == 0),
+       f'activation=minmax sorts channel pairs: channels and dense must be even, got '
+       f'{self.channels} and {self.dense}'),
       (self.attack_examples >= 0, f'attack_examples must be >= 0, got {self.attack_examples}'),
+      (self.certify_every >= 0, f'certify_every must be >= 0, got {self.certify_every}'),
+      (self.certify_every == 0 or self.certify_every % self.log_every == 0,
+       f'certify_every must be a multiple of log_every={self.log_every}, got '
+       f'{self.certify_every}'),
     ]  # fmt: skip
     for ok, msg in checks:
       if not ok:
@@ -111,20 +129,58 @@ def build_model(config: Config, num_classes: int, images: np.ndarray):
   if config.model == 'mlp':
     return models.MLP(num_classes, hidden=tuple(config.hidden), **norm)
   if config.model == 'cnn':
-    return models.CNN(num_classes, tuple(config.channels), config.dense, config.batch_norm, **norm)
+    return models.CNN(num_classes, tuple(config.channels), config.dense, config.batch_norm,
+                      activation=config.activation or 'relu', kernel=config.kernel,
+                      strides=config.strides, **norm)  # fmt: skip
   if config.model == 'liresnet':
     return models.LiResNet(num_classes, config.width, config.depth, dense=config.dense,
-                           activation=config.activation, **norm)  # fmt: skip
+                           activation=config.activation or 'minmax', **norm)  # fmt: skip
   return models.WideResNet(num_classes, config.depth, config.width, config.dropout, **norm)
+
+
+def _certified_now(config, apply_fn, input_shape, test):
+  """`on_log` of training: every `certify_every` steps (and at the end), the current model's
+  clean and certified accuracy (pairwise, sound certificate) on the test set."""
+
+  def on_log(step, state, window):
+    if step % config.certify_every and step != config.steps:
+      return {}
+    variables = train_lib.variables_of(jax.device_get(state))
+    with jax.default_matmul_precision('highest'):
+      cert = certificate(apply_fn, variables, input_shape)
+      quiet = lambda line: None  # noqa: E731
+      radii = certify_dataset(apply_fn, variables, cert, *test, list(config.eps), log=quiet)
+    acc = radii.forms['pairwise'].certified_accuracy
+    out = {'test_clean': float(np.mean(radii.correct))}
+    return out | {f'test_certified_{e:g}': float(a) for e, a in zip(config.eps, acc, strict=True)}
+
+  return on_log
+
+
+def _curve(path: str, eps) -> list[dict]:
+  """Certified accuracy against training time, from metrics.jsonl's `certify_every` records."""
+  out, seconds = [], 0.0
+  with open(os.path.join(path, 'metrics.jsonl')) as f:
+    for line in f:
+      rec = json.loads(line)
+      seconds += rec.get('time', 0.0)
+      if 'test_clean' in rec:
+        cert = {f'{e:g}': rec[f'test_certified_{e:g}'] for e in eps}
+        out.append({'step': rec['step'], 'train_seconds': seconds, 'clean': rec['test_clean'],
+                    'certified': cert})  # fmt: skip
+  return out
 
 
 def _train_and_report(config, name, loss, model, splits, path, mesh, log):
   """Trains one model (resuming), then its certificate, robustness report and segments."""
   (xtr, ytr), (xte, yte) = splits
   log(f'== training {name} ({config.steps} steps) on {config.dataset}')
+  on_log = None
+  if config.certify_every:
+    on_log = _certified_now(config, train_lib.apply_fn(model), xtr.shape[1:], (xte, yte))
   try:
     state = train_lib.train(model, config.train_config(), xtr, ytr, path, loss=loss, mesh=mesh,
-                            log=log)  # fmt: skip
+                            log=log, on_log=on_log)  # fmt: skip
   except train_lib.TrainingDiverged as e:
     raise train_lib.TrainingDiverged(f'{name} run diverged: {e}') from None
   state = jax.device_get(state)
@@ -140,6 +196,8 @@ def _train_and_report(config, name, loss, model, splits, path, mesh, log):
   report['lipschitz'] = cert.lipschitz
   report['segments'] = segment_report(cert, key=jax.random.key(config.seed))
   report['train_seconds'] = train_lib.logged_seconds(path)  # over all invocations
+  if config.certify_every:
+    report['curve'] = _curve(path, config.eps)
   report['params_fingerprint'] = train_lib.params_fingerprint(state)
   return report, full.radii
 

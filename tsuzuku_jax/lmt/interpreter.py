@@ -209,6 +209,8 @@ class Interpreter:
         raise unsupported(eqn, 'a sort that carries other values along (not Lipschitz in them)')
       # Sorting is 1-Lipschitz in L2 (rearrangement inequality); rows are sorted separately.
       return [self.nonlinear(deps, 1.0, shape, where)]
+    if name == 'minmax':  # models.minmax: a sort of each channel pair, computed with max/min
+      return [self.nonlinear(deps, 1.0, shape, where)]
     if name in ('reduce_max', 'reduce_min', 'argmax'):
       if name == 'argmax':
         raise unsupported(eqn, 'an index is not a Lipschitz function of the input')

@@ -116,10 +116,11 @@ def certify_dataset(
   eps: Sequence[float],
   *,
   batch_size: int = 500,
+  log: Callable[[str], None] = progress.print_on_process_0,
 ) -> Radii:
   """Certified radii and certified accuracy at each eps, for both forms (one forward pass per
   batch; evaluate at full float32 precision, e.g. under
-  `jax.default_matmul_precision('highest')` on GPUs, for the radii to hold).
+  `jax.default_matmul_precision('highest')` on GPUs, for the radii to hold). `log`: progress.
 
   Raises:
     TypeError: `cert` is not a `Certificate`.
@@ -132,7 +133,7 @@ def certify_dataset(
   preds, radii = [], {f: [] for f in FORMS}
   lips = [pairwise_bounds(cert, f) for f in FORMS]
   starts = range(0, len(images), batch_size)
-  bar = progress.Progress(f'certify ({len(images)} points)', len(starts), unit='batches')
+  bar = progress.Progress(f'certify ({len(images)} points)', len(starts), unit='batches', log=log)
   for j, i in enumerate(starts):
     out = _radii(apply_fn, variables, jnp.asarray(images[i : i + batch_size]), lips)
     for f, (_, r) in zip(FORMS, out, strict=True):
