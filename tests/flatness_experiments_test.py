@@ -14,7 +14,7 @@ import pytest
 from launcher import assert_one_line_error, launch, tree_hashes
 from multiprocess import run_launcher
 
-from tsuzuku_jax.flatness import experiment
+from tsuzuku_jax.flatness import experiment, pac_bayes
 
 ROOT = os.path.join(os.path.dirname(__file__), '..')
 SCRIPT = os.path.join(ROOT, 'experiments', 'flatness.py')
@@ -100,6 +100,14 @@ def test_config_from_notebook_runs_the_same_experiment(tmp_path):
   assert experiment.run(config, str(tmp_path), log=lines.append) is None  # complete: nothing
   with pytest.raises(ValueError, match='seeds=0; this one has seeds=0,1'):
     experiment.run(dataclasses.replace(config, seeds=(0, 1)), str(tmp_path), log=lines.append)
+  # The bound alone, the posterior being the prior (KL 0), one prior: the certificate is then
+  # Langford-Seeger at the sampled error's upper bound with KL 0, at the whole delta.
+  alone = dataclasses.replace(config, zoo=False, posterior_steps=0, init_prior=False)
+  bound = experiment.run(alone, str(tmp_path / 'alone'), log=lines.append)['bound']
+  (row,) = bound['rows']
+  assert row['kl'] == 0 and row['objective'] is None and row['samples'] == 2 * bound['m']
+  want = pac_bayes.langford_seeger(row['emp_upper'], 0.0, bound['m'], config.delta)
+  assert row['bound'] == want and row['emp_mean'] <= row['emp_upper'] <= row['bound']
 
 
 def test_tiny_zoo_and_bound_then_resume(tmp_path):

@@ -29,7 +29,7 @@ from tsuzuku_jax.flatness import measures, pac_bayes, posterior, zoo
 # Settings that cannot change a result (recorded, but a resume may change them).
 NEUTRAL = ('overwrite', 'workdir')
 _POSITIVE_INTS = ('check_every', 'max_steps', 'probes', 'lanczos_iters', 'sharpness_samples',
-                  'sharpness_iters', 'mc_rounds', 'prior_steps', 'posterior_steps')  # fmt: skip
+                  'sharpness_iters', 'mc_rounds', 'prior_steps')  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,10 +59,13 @@ class Config:
   prior_fraction: float = 0.5  # training data used to fit the prior
   prior_steps: int = 1000  # SGD steps fitting the prior mean
   prior_lr: float = 0.05  # prior: SGD learning rate (cosine decay)
-  posterior_steps: int = 2000  # Adam steps on the posterior
+  prior_dropout: float = 0.0  # prior: dropout rate after each hidden layer (training only)
+  # Adam steps on the posterior (0: the posterior is the prior itself, KL 0)
+  posterior_steps: int = 2000
   posterior_lr: float = 1e-3  # posterior learning rate
   posterior_on_all: bool = True  # fit the posterior on the whole training set (else the bound set)
   prior_sigmas: tuple[float, ...] = (0.01, 0.03, 0.1)  # prior scales (union bound)
+  init_prior: bool = True  # also certify with the prior at the initialisation (data-free)
   # Monte Carlo rounds in the certificate: each classifies every bound example by its own
   # sampled network (rounds x m independent draws)
   mc_rounds: int = 10
@@ -93,6 +96,8 @@ class Config:
       *((getattr(self, n) >= 1, f'{n} must be >= 1, got {getattr(self, n)}')
         for n in _POSITIVE_INTS),
       (self.prior_lr > 0, f'prior_lr must be positive, got {self.prior_lr}'),
+      (self.posterior_steps >= 0, f'posterior_steps must be >= 0, got {self.posterior_steps}'),
+      (0 <= self.prior_dropout < 1, f'prior_dropout must be in [0, 1), got {self.prior_dropout}'),
       (self.posterior_lr > 0, f'posterior_lr must be positive, got {self.posterior_lr}'),
       (0 < self.prior_fraction < 1,
        f'prior_fraction must be in (0, 1), got {self.prior_fraction}'),
@@ -120,7 +125,13 @@ def _certify(config, model, apply_fn, prior_mean, s, k, delta, delta_mc, data_se
   saved = os.path.join(row_dir, 'posterior.npz')
   leaves, treedef = jax.tree.flatten(prior_mean)
   t0 = time.time()
-  if os.path.exists(saved):
+  if config.posterior_steps == 0:  # the prior itself: KL 0, no fit
+    mean, sigma, objective = (
+      prior_mean,
+      jax.tree.map(lambda t: np.full_like(t, s), prior_mean),
+      None,
+    )
+  elif os.path.exists(saved):
     with np.load(saved) as f:
       mean = jax.tree.unflatten(treedef, [f[f'mean{i}'] for i in range(len(leaves))])
       sigma = jax.tree.unflatten(treedef, [f[f'sigma{i}'] for i in range(len(leaves))])
@@ -157,6 +168,7 @@ def _certify(config, model, apply_fn, prior_mean, s, k, delta, delta_mc, data_se
   test = posterior.mc_error_sums(logits_fn, mean, sigma, xt, yt, key=jax.random.fold_in(k, 2),
                                  rounds=config.mc_rounds)  # fmt: skip
   row = {**cert._asdict(), 'objective': objective, 'mc_rounds': sums.rounds}
+  row['kl_term'] = pac_bayes.complexity(kl, m, delta)  # (KL + ln(2 sqrt(m) / delta)) / m
   row['mc_draws_per_second'] = sums.draws / max(sums.seconds, 1e-9)
   row['sampling_tightness'] = {
     str(r): pac_bayes.mc_certificate_from_counts(
@@ -181,7 +193,9 @@ def bound(
   perm = np.random.default_rng(config.seed).permutation(len(ytr))
   n_prior = int(len(ytr) * config.prior_fraction)
   prior_idx, bound_idx = perm[:n_prior], perm[n_prior:]
-  model = models.MLP(int(ytr.max()) + 1, tuple(int(h) for h in config.bound_hidden))
+  # Dropout acts in the prior's training only: the posterior's networks are the plain MLP.
+  model = models.MLP(int(ytr.max()) + 1, tuple(int(h) for h in config.bound_hidden),
+                     dropout=config.prior_dropout)  # fmt: skip
   apply_fn = lambda p, x: model.apply({'params': p}, x)  # noqa: E731
   train_config = train_lib.TrainConfig(
     steps=config.prior_steps, batch_size=128, optimizer='sgd', learning_rate=config.prior_lr,
@@ -201,12 +215,13 @@ def bound(
   fit_data = (jnp.asarray(xtr), jnp.asarray(ytr)) if config.posterior_on_all else bound_data
   test_data = jnp.asarray(xte), jnp.asarray(yte)
   sigmas = [float(s) for s in config.prior_sigmas]
-  delta = pac_bayes.union_delta(config.delta, 2 * len(sigmas))  # both priors, every scale
-  delta_mc = pac_bayes.union_delta(config.delta_mc, 2 * len(sigmas))
+  priors = [('held_out_data', prior)] + ([('initialisation', init)] if config.init_prior else [])
+  delta = pac_bayes.union_delta(config.delta, len(priors) * len(sigmas))  # every prior, scale
+  delta_mc = pac_bayes.union_delta(config.delta_mc, len(priors) * len(sigmas))
   out = {'m': len(bound_idx), 'prior_examples': n_prior, 'delta': config.delta}
   out['delta_mc'], out['rows'] = config.delta_mc, []
   key = jax.random.key(config.seed)
-  for prior_name, prior_mean in (('held_out_data', prior), ('initialisation', init)):
+  for prior_name, prior_mean in priors:
     for i, s in enumerate(sigmas):
       k = jax.random.fold_in(key, 2 * i + (prior_name == 'initialisation'))
       t0 = time.time()
@@ -222,7 +237,7 @@ def bound(
         f"stochastic test error {row['stochastic_test_error']:.4f}, mean network's "
         f'{row["mean_test_error"]:.4f})'
       )
-  for prior_name in ('held_out_data', 'initialisation'):
+  for prior_name, _ in priors:
     rows = [r for r in out['rows'] if r['prior'] == prior_name]
     out[f'best_{prior_name}'] = min(rows, key=lambda r: r['bound'])
   out['confidence'] = 1 - config.delta - config.delta_mc

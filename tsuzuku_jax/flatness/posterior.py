@@ -12,6 +12,7 @@ come from `per_example_logits` (any model: a full draw per example) or `local_re
 `sampled_errors` evaluates whole networks on all examples (a network's own error).
 """
 
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -233,6 +234,24 @@ def local_reparam_logits(model: nn.Module) -> SampledLogits:
   return logits
 
 
+# Jitted once per `logits_fn` (a static argument), so that resuming round by round does not
+# recompile; everything else as arguments: closed-over data would be constant-folded by XLA.
+@functools.partial(jax.jit, static_argnums=0)
+def _mc_rounds(logits_fn, mean, sigma, xs, ys, round_keys):
+  """Wrong predictions in each round (one per key), streaming over the chunks of (xs, ys)."""
+
+  def one_round(k):
+    def one_chunk(total, inp):
+      i, x, y = inp
+      z = logits_fn(mean, sigma, jax.random.fold_in(k, i), x)
+      return total + jnp.sum((jnp.argmax(z, -1) != y) & (y >= 0)), None
+
+    steps = (jnp.arange(xs.shape[0]), xs, ys)
+    return jax.lax.scan(one_chunk, jnp.zeros((), jnp.int32), steps)[0]
+
+  return jax.lax.map(one_round, round_keys)
+
+
 class MCSums(NamedTuple):
   """Partial sums of the Monte Carlo estimate of E_Q L_S (JSON-able; resume from them)."""
 
@@ -268,23 +287,9 @@ def mc_error_sums(
   ys = jnp.concatenate([labels, jnp.full((pad,), -1, labels.dtype)])
   xs, ys = xs.reshape(-1, c, *images.shape[1:]), ys.reshape(-1, c)
 
-  @jax.jit  # everything as arguments: closed-over data would be constant-folded by XLA
-  def run(mean, sigma, xs, ys, round_keys):
-    def one_round(k):
-      def one_chunk(total, inp):
-        i, x, y = inp
-        z = logits_fn(mean, sigma, jax.random.fold_in(k, i), x)
-        return total + jnp.sum((jnp.argmax(z, -1) != y) & (y >= 0)), None
-
-      total, _ = jax.lax.scan(one_chunk, jnp.zeros((), jnp.int32),
-                              (jnp.arange(xs.shape[0]), xs, ys))  # fmt: skip
-      return total
-
-    return jax.lax.map(one_round, round_keys)
-
   t0 = time.perf_counter()
   keys = jnp.stack([jax.random.fold_in(key, sums.rounds + r) for r in range(rounds)])
-  wrong = [int(v) for v in jax.device_get(run(mean, sigma, xs, ys, keys))]
+  wrong = [int(v) for v in jax.device_get(_mc_rounds(logits_fn, mean, sigma, xs, ys, keys))]
   return MCSums(
     rounds=sums.rounds + rounds,
     errors=sums.errors + sum(wrong),
