@@ -100,13 +100,13 @@ def test_config_from_notebook_runs_the_same_experiment(tmp_path):
   assert experiment.run(config, str(tmp_path), log=lines.append) is None  # complete: nothing
   with pytest.raises(ValueError, match='seeds=0; this one has seeds=0,1'):
     experiment.run(dataclasses.replace(config, seeds=(0, 1)), str(tmp_path), log=lines.append)
-  # The bound alone, the posterior being the prior (KL 0), one prior: the certificate is then
-  # Langford-Seeger at the sampled error's upper bound with KL 0, at the whole delta.
+  # The bound alone, the posterior being the prior (KL 0 but for sigma's float32 rounding), one
+  # prior: the certificate is Langford-Seeger at the sampled error's upper bound, whole delta.
   alone = dataclasses.replace(config, zoo=False, posterior_steps=0, init_prior=False)
   bound = experiment.run(alone, str(tmp_path / 'alone'), log=lines.append)['bound']
   (row,) = bound['rows']
-  assert row['kl'] == 0 and row['objective'] is None and row['samples'] == 2 * bound['m']
-  want = pac_bayes.langford_seeger(row['emp_upper'], 0.0, bound['m'], config.delta)
+  assert 0 <= row['kl'] < 1e-9 and row['objective'] is None and row['samples'] == 2 * bound['m']
+  want = pac_bayes.langford_seeger(row['emp_upper'], row['kl'], bound['m'], config.delta)
   assert row['bound'] == want and row['emp_mean'] <= row['emp_upper'] <= row['bound']
 
 
@@ -130,7 +130,7 @@ def test_tiny_zoo_and_bound_then_resume(tmp_path):
   for m in ('hessian_trace', 'top_eigenvalue', 'spectral_product'):
     assert zoo['invariance'][m]['min_change_factor'] > 1.5, m
   bound = results['bound']
-  assert {r['prior'] for r in bound['rows']} == {'held_out_data', 'initialisation'}
+  assert [r['prior'] for r in bound['rows']] == ['held_out_data']  # the flag file's --noinit_prior
   for r in bound['rows']:
     assert r['emp_mean'] <= r['emp_upper'] <= r['bound'] <= 1
   assert bound['m'] + bound['prior_examples'] == 1347
