@@ -170,9 +170,10 @@ def _certify(config, model, apply_fn, prior_mean, s, k, delta, delta_mc, data_se
   row = {**cert._asdict(), 'objective': objective, 'mc_rounds': sums.rounds}
   row['kl_term'] = pac_bayes.complexity(kl, m, delta)  # (KL + ln(2 sqrt(m) / delta)) / m
   row['mc_draws_per_second'] = sums.draws / max(sums.seconds, 1e-9)
+  # What other round counts would give at this sampled error: the sampling bound's upper end.
   row['sampling_tightness'] = {
     str(r): pac_bayes.mc_certificate_from_counts(
-      round(cert.emp_mean * r * m), r * m, kl, m, delta, delta_mc)._asdict()['emp_upper']
+      round(cert.emp_mean * r * m), r * m, kl, m, delta, delta_mc).emp_upper
     for r in sorted({1, 10, 100, sums.rounds})
   }  # fmt: skip
   row['stochastic_test_error'] = test.errors / test.draws
