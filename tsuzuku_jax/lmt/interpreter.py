@@ -37,6 +37,7 @@ from tsuzuku_jax.lmt.operators import (
   unsupported,
 )
 from tsuzuku_jax.lmt.steps import ADDITIVE, HINTS, STEPS, applier, refuse
+from tsuzuku_jax.models import minmax_p
 
 
 class Interpreter:
@@ -209,7 +210,7 @@ class Interpreter:
         raise unsupported(eqn, 'a sort that carries other values along (not Lipschitz in them)')
       # Sorting is 1-Lipschitz in L2 (rearrangement inequality); rows are sorted separately.
       return [self.nonlinear(deps, 1.0, shape, where)]
-    if name == 'minmax':  # models.minmax: a sort of each channel pair, computed with max/min
+    if eqn.primitive is minmax_p:  # models.minmax: a sort of each channel pair (max/min inside)
       return [self.nonlinear(deps, 1.0, shape, where)]
     if name in ('reduce_max', 'reduce_min', 'argmax'):
       if name == 'argmax':
