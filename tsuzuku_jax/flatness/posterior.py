@@ -132,6 +132,17 @@ def fit_posterior(
   return params['mean'], jax.tree.map(jnp.exp, params['log_sigma']), vals[-1]
 
 
+def _chunks(images, labels, chunk: int):
+  """(images, labels) as (chunks, min(chunk, n), ...) arrays; the last chunk padded with label
+  -1 (masked by the counts)."""
+  n = int(images.shape[0])
+  c = min(chunk, n)
+  pad = -n % c
+  xs = jnp.concatenate([images, jnp.zeros((pad, *images.shape[1:]), images.dtype)])
+  ys = jnp.concatenate([labels, jnp.full((pad,), -1, labels.dtype)])
+  return xs.reshape(-1, c, *images.shape[1:]), ys.reshape(-1, c)
+
+
 def sampled_errors(
   apply_fn, mean, sigma, images, labels, *, key, num_samples: int, chunk: int = 1024
 ):
@@ -146,11 +157,7 @@ def sampled_errors(
   checks.check_images(images, pixel_range=None, ndim=None)
   checks.check_labels_for(lambda x: apply_fn(mean, x), images, labels)
   n = int(images.shape[0])
-  pad = -n % chunk if n > chunk else 0
-  xs = jnp.concatenate([images, jnp.zeros((pad, *images.shape[1:]), images.dtype)])
-  ys = jnp.concatenate([labels, jnp.full((pad,), -1, labels.dtype)])
-  c = min(chunk, n)
-  xs, ys = xs.reshape(-1, c, *images.shape[1:]), ys.reshape(-1, c)
+  xs, ys = _chunks(images, labels, chunk)
 
   @jax.jit  # everything as arguments: closed-over data would be constant-folded by XLA
   def run(mean, sigma, xs, ys, keys):
@@ -197,9 +204,7 @@ def local_reparam_logits(model: nn.Module) -> SampledLogits:
 
     def interceptor(next_fun, args, kwargs, context):
       mod = context.module
-      if context.method_name != '__call__' or not isinstance(mod, nn.Module):
-        return next_fun(*args, **kwargs)
-      if not isinstance(mod, nn.Dense):
+      if context.method_name != '__call__' or not isinstance(mod, nn.Dense):
         return next_fun(*args, **kwargs)  # a container; its parameters are checked below
       path = tuple(mod.scope.path)
       (x,) = args
@@ -281,11 +286,7 @@ def mc_error_sums(
   _check_m(chunk, 'chunk')
   sums = sums or MCSums(0, 0, 0, 0.0)
   n = int(images.shape[0])
-  c = min(chunk, n)
-  pad = -n % c
-  xs = jnp.concatenate([images, jnp.zeros((pad, *images.shape[1:]), images.dtype)])
-  ys = jnp.concatenate([labels, jnp.full((pad,), -1, labels.dtype)])
-  xs, ys = xs.reshape(-1, c, *images.shape[1:]), ys.reshape(-1, c)
+  xs, ys = _chunks(images, labels, chunk)
 
   t0 = time.perf_counter()
   keys = jnp.stack([jax.random.fold_in(key, sums.rounds + r) for r in range(rounds)])

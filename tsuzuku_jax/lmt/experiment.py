@@ -9,7 +9,6 @@ WORKDIR/run.json records the run: a later call resumes only the same configurati
 """
 
 import dataclasses
-import json
 import os
 from collections.abc import Callable
 from typing import ClassVar
@@ -17,7 +16,7 @@ from typing import ClassVar
 import jax
 import numpy as np
 
-from tsuzuku_jax import data, distributed, models, train_lib, workdir
+from tsuzuku_jax import data, distributed, loop, models, train_lib, workdir
 from tsuzuku_jax.lmt.analysis import certificate
 from tsuzuku_jax.lmt.margins import FORMS, VARIANTS, training_loss
 from tsuzuku_jax.lmt.radii import certify_dataset, robustness_report, segment_report
@@ -160,14 +159,12 @@ def _certified_now(config, apply_fn, input_shape, test):
 def _curve(path: str, eps) -> list[dict]:
   """Certified accuracy against training time, from metrics.jsonl's `certify_every` records."""
   out, seconds = [], 0.0
-  with open(os.path.join(path, 'metrics.jsonl')) as f:
-    for line in f:
-      rec = json.loads(line)
-      seconds += rec.get('time', 0.0)
-      if 'test_clean' in rec:
-        cert = {f'{e:g}': rec[f'test_certified_{e:g}'] for e in eps}
-        out.append({'step': rec['step'], 'train_seconds': seconds, 'clean': rec['test_clean'],
-                    'certified': cert})  # fmt: skip
+  for rec in loop.read_records(path):
+    seconds += rec.get('time', 0.0)
+    if 'test_clean' in rec:
+      cert = {f'{e:g}': rec[f'test_certified_{e:g}'] for e in eps}
+      out.append({'step': rec['step'], 'train_seconds': seconds, 'clean': rec['test_clean'],
+                  'certified': cert})  # fmt: skip
   return out
 
 
